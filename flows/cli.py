@@ -1,0 +1,192 @@
+"""`llmft` command line: one plain function per verb; the contract in DESIGN.md.
+
+Stage code is imported inside each verb so `llmft data` does not pay for torch or Prefect.
+Every user error (bad config, bad input file) is a `UserError`; it is printed without a
+traceback and the exit status is 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from tasks.config import ConfigError, UserError, describe, load_config
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.pipeline import run_pipeline
+
+    overrides = list(args.set or [])
+    if args.dataset:
+        overrides.append(f"data.input={args.dataset}")
+    cfg = load_config(args.config, overrides)
+    summary = run_pipeline(cfg, summary_path=args.summary)
+    print(json.dumps({k: summary[k] for k in ("run_id", "served_gguf", "answer")}, indent=2))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from tasks.data import clean_dataset
+
+    overrides = list(args.set or [])
+    if args.seed is not None:
+        overrides.append(f"data.seed={args.seed}")
+    if args.split:
+        overrides.append(f"data.split=[{args.split}]")
+    cfg = load_config(args.config, overrides)
+    report = clean_dataset(Path(args.input), Path(args.output_dir), cfg.data)
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from tasks.plan import print_plan
+
+    cfg = load_config(args.config, args.set)
+    print_plan(cfg, gpu_gib=args.gpu_gib, num_gpus=args.num_gpus)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tasks.serve import chat
+
+    cfg = load_config(args.config, args.set)
+    return chat(args.model, prompt=args.prompt, cfg=cfg.serve, max_tokens=args.max_tokens)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tasks.serve import serve
+
+    overrides = list(args.set or [])
+    for key in ("host", "port", "api_key"):
+        if getattr(args, key) is not None:
+            overrides.append(f"serve.{key}={getattr(args, key)}")
+    cfg = load_config(args.config, overrides)
+    if not args.model and not args.deployed:
+        raise ConfigError("llmft serve: give --model FILE.gguf or --deployed NAME")
+    serve(model=args.model, deployed=args.deployed, cfg=cfg.serve, store_root=cfg.pipeline.store)
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from flows.watch import watch
+
+    watch(Path(args.dir), interval=args.interval, once=args.once, stable_seconds=args.stable)
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows.deploy import deploy
+
+    deploy(prefect_yaml=Path(args.file))
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    os.execvp("prefect", ["prefect", "server", "start", "--host", args.host, "--port", args.port])
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from flows.pipeline import collect_garbage
+
+    cfg = load_config(args.config, args.set)
+    removed = collect_garbage(cfg.pipeline.store, keep_runs=args.keep_runs, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for path in removed:
+        print(f"{verb} {path}")
+    print(f"{verb} {len(removed)} artifact folder(s)")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    if args.keys:
+        print("\n".join(describe()))
+    else:
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2, ensure_ascii=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmft", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    def verb(name: str, fn, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("--config", help="YAML recipe (default: configs/default.yaml)")
+        sp.add_argument(
+            "--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.lora.r=16"
+        )
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = verb("run", cmd_run, "run the whole pipeline (data → … → export → promote)")
+    sp.add_argument("--dataset", help="dataset file or folder (sets data.input)")
+    sp.add_argument("--summary", help="write the run summary JSON here")
+
+    sp = verb("data", cmd_data, "clean and split a dataset")
+    sp.add_argument("--input", required=True, help="file or folder of JSON/JSONL/CSV/Parquet")
+    sp.add_argument("--output-dir", required=True)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--split", help="train,dev,test ratios, e.g. 0.8,0.1,0.1")
+
+    sp = verb("plan", cmd_plan, "estimate GPU memory per method and ZeRO stage")
+    sp.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU")
+    sp.add_argument("--num-gpus", type=int, default=1)
+
+    sp = verb("chat", cmd_chat, "chat with a GGUF model on CPU")
+    sp.add_argument("--model", required=True, help="FILE.gguf")
+    sp.add_argument("--prompt", help="answer once and exit; interactive without it")
+    sp.add_argument("--max-tokens", type=int, default=256)
+
+    sp = verb("serve", cmd_serve, "OpenAI-compatible API and chat page for a GGUF model")
+    sp.add_argument("--model", help="FILE.gguf")
+    sp.add_argument("--deployed", help="serve the promoted model NAME (follows promotions)")
+    sp.add_argument("--host")
+    sp.add_argument("--port", type=int)
+    sp.add_argument("--api-key")
+
+    sp = verb("watch", cmd_watch, "the dataset sensor: emit llmft.dataset.arrived events")
+    sp.add_argument("--dir", default="datasets_raw")
+    sp.add_argument("--interval", type=float, default=10.0, help="seconds between polls")
+    sp.add_argument("--stable", type=float, default=5.0, help="seconds a file must stay unchanged")
+    sp.add_argument("--once", action="store_true", help="poll once and exit")
+
+    sp = verb("deploy", cmd_deploy, "register deployments with a Prefect server")
+    sp.add_argument("--file", default="deploy/prefect.yaml")
+
+    sp = verb("server", cmd_server, "start a local Prefect server (UI at http://127.0.0.1:4200)")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", default="4200")
+
+    sp = verb("gc", cmd_gc, "remove artifacts no recent run refers to")
+    sp.add_argument("--keep-runs", type=int, default=10)
+    sp.add_argument("--dry-run", action="store_true")
+
+    sp = verb("config", cmd_config, "print the resolved config (or every key with --keys)")
+    sp.add_argument("--keys", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Typed configuration: one pydantic model per stage section, loaded from YAML.
+
+Every field has a description (it is the documentation `llmft run --help-config` prints)
+and unknown keys are errors. `load_config` collects every problem in one `ConfigError`
+that names each key, the value received and the fix, before anything heavy starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+class UserError(ValueError):
+    """A problem the user can fix (bad config, bad input file): printed, exit status 2."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """A configuration problem, naming each key, the value received and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    input: str = Field(
+        "datasets_raw",
+        description="Dataset file or folder (JSON array, JSONL, CSV, Parquet); relative paths "
+        "are resolved from the working directory.",
+    )
+    format: Literal["auto", "alpaca", "columns", "messages", "sharegpt"] = Field(
+        "auto",
+        description="Record shape: auto-detect per file, alpaca (instruction/input/output), "
+        "columns (prompt_column/response_column), messages (role/content), "
+        "sharegpt (conversations from/value).",
+    )
+    prompt_column: str = Field("instruction", description="Prompt column for format=columns.")
+    response_column: str = Field("output", description="Response column for format=columns.")
+    system_column: str | None = Field(None, description="Optional system-prompt column.")
+    normalize_unicode: bool = Field(True, description="Apply Unicode NFC normalisation.")
+    strip_control: bool = Field(
+        True, description="Remove control characters (keeping newline and tab)."
+    )
+    collapse_whitespace: bool = Field(
+        True, description="Trim ends and collapse runs of spaces; newlines are kept."
+    )
+    max_chars: int = Field(
+        16000, gt=0, description="Reject records whose prompt+response exceed this many chars."
+    )
+    max_tokens: int | None = Field(
+        None, gt=0, description="Reject records longer than this many tokens (needs a tokenizer)."
+    )
+    dedupe: bool = Field(True, description="Drop exact duplicates after normalisation.")
+    placeholders: dict[str, str] = Field(
+        default_factory=lambda: {"name": "Lexi", "author": "the llmft team"},
+        description="Values for {{placeholders}} such as {{name}} and {{author}} in "
+        "self-cognition data.",
+    )
+    split: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="train/dev/test ratios; must sum to 1."
+    )
+    seed: int = Field(42, description="Seed of the prompt hash that assigns splits.")
+    max_samples: int | None = Field(
+        None, gt=0, description="Keep at most this many training records (after splitting)."
+    )
+
+    @model_validator(mode="after")
+    def _split_sums_to_one(self) -> DataConfig:
+        if any(r < 0 for r in self.split) or abs(sum(self.split) - 1.0) > 1e-6:
+            raise ValueError(
+                f"split ratios {list(self.split)} must be non-negative and sum to 1 "
+                "(fix: --set data.split=[0.8,0.1,0.1])"
+            )
+        return self
+
+
+class BaseModelConfig(Section):
+    model: str = Field(
+        "bundled:smollm2-135m-instruct",
+        description="Base model: 'bundled:smollm2-135m-instruct', a local HF folder, or a hub id.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the model folder or hub; off unless needed."
+    )
+
+
+class LoraConfig(Section):
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: int = Field(16, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="'all-linear' or module names, e.g. [q_proj, v_proj] or Wqkv."
+    )
+
+
+class QuantConfig(Section):
+    bits: Literal[4, 8] = Field(4, description="Base weights in 4-bit NF4 or 8-bit (qlora).")
+    double_quant: bool = Field(True, description="Quantise the 4-bit scales too (qlora).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (qlora).")
+
+
+class PtuningConfig(Section):
+    pre_seq_len: int = Field(16, gt=0, description="Number of virtual prefix tokens per layer.")
+    prefix_projection: bool = Field(
+        True, description="Reparameterise the prefix through an MLP (P-Tuning v2)."
+    )
+
+
+class TrainConfig(Section):
+    method: Literal["lora", "qlora", "full", "ptuning"] = Field(
+        "lora", description="Fine-tuning method."
+    )
+    template: str = Field(
+        "auto",
+        description="Prompt template: 'auto' (the model's chat template, else alpaca), "
+        "'chat' (require the model's template) or 'alpaca'.",
+    )
+    cutoff_len: int = Field(512, gt=0, description="Maximum tokens per training example.")
+    train_on_prompt: bool = Field(False, description="Also compute loss on prompt tokens.")
+    packing: bool = Field(
+        False, description="Pack several records per row without attention across records."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
+    quant: QuantConfig = Field(default_factory=QuantConfig, description="QLoRA settings.")
+    ptuning: PtuningConfig = Field(
+        default_factory=PtuningConfig, description="P-Tuning v2 settings."
+    )
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    num_epochs: float = Field(3.0, gt=0, description="Epochs (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+    batch_size: int = Field(4, gt=0, description="Per-device micro-batch size.")
+    grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="LR schedule after warmup."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Warmup as a fraction of steps.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    logging_steps: int = Field(5, gt=0, description="Log metrics every N optimizer steps.")
+    eval_steps: int | None = Field(
+        None, gt=0, description="Dev loss every N steps (None: at start and end only)."
+    )
+    save_steps: int = Field(50, gt=0, description="Checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(2, gt=0, description="Keep the last K checkpoints.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, else fp16 on CUDA, fp32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    neftune_alpha: float = Field(0.0, ge=0, description="NEFTune embedding noise (0: off).")
+    seed: int = Field(42, description="Training seed.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    launcher: Literal["python", "accelerate", "torchrun"] = Field(
+        "python", description="How the training subprocess starts (several GPUs: accelerate)."
+    )
+    num_processes: int = Field(1, gt=0, description="Processes (GPUs) for accelerate/torchrun.")
+    accelerate_config: str | None = Field(
+        None, description="accelerate config in deploy/ (DDP, DeepSpeed ZeRO-2/3)."
+    )
+    liger: bool | Literal["auto"] = Field(
+        "auto", description="Liger fused kernels on CUDA when installed."
+    )
+    compile: bool = Field(False, description="torch.compile the model.")
+
+
+class EvaluateConfig(Section):
+    num_samples: int = Field(32, ge=0, description="Test records to generate answers for.")
+    max_new_tokens: int = Field(64, gt=0, description="Generation length for evaluation.")
+    batch_size: int = Field(8, gt=0, description="Generation batch size.")
+    compare_base: bool = Field(True, description="Also score the base model on the same prompts.")
+
+
+class ExportConfig(Section):
+    enabled: bool = Field(True, description="Convert to GGUF (skipped for ptuning).")
+    outtype: Literal["f16", "bf16", "f32"] = Field("f16", description="GGUF conversion type.")
+    quantize: list[str] = Field(
+        default_factory=lambda: ["q8_0", "q4_k_m"], description="llama.cpp quantisation types."
+    )
+    lora_adapter: bool = Field(True, description="Also write the LoRA adapter as a GGUF adapter.")
+    verify_prompts: int = Field(16, ge=1, description="Dev records used to verify each GGUF.")
+    ppl_tolerance: float = Field(
+        0.05, ge=0, description="Serve the smallest GGUF whose perplexity is within this of HF."
+    )
+    max_ppl_ratio: float = Field(
+        2.0, gt=1, description="Fail the stage if the f16 GGUF's perplexity exceeds HF by this."
+    )
+    fail_stage: bool = Field(
+        False, description="Fault switch for tests: make the export stage fail."
+    )
+
+
+class ServeConfig(Section):
+    host: str = Field("127.0.0.1", description="Bind address of the API server.")
+    port: int = Field(8000, gt=0, lt=65536, description="Port of the API server.")
+    api_key: str | None = Field(None, description="Require 'Authorization: Bearer KEY'.")
+    n_ctx: int = Field(2048, gt=0, description="llama.cpp context size.")
+    max_prompt_tokens: int = Field(1536, gt=0, description="Reject longer prompts with 400.")
+    max_tokens: int = Field(512, gt=0, description="Reject larger max_tokens with 400.")
+    max_concurrent: int = Field(1, gt=0, description="Generations running at once.")
+    max_queue: int = Field(8, ge=0, description="Requests waiting beyond that before 429.")
+
+
+class PipelineConfig(Section):
+    name: str = Field("default", description="Model name used for deployment/promotion.")
+    store: str = Field("artifacts", description="Artifact store folder.")
+    identity_prompt: str = Field(
+        "Who are you?", description="Prompt asked of the served GGUF at the end of a run."
+    )
+    promote: bool = Field(True, description="Promote the served GGUF if it is at least as good.")
+
+
+class Config(Section):
+    data: DataConfig = Field(default_factory=DataConfig, description="Data stage.")
+    base: BaseModelConfig = Field(default_factory=BaseModelConfig, description="Base model.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training stage.")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="GGUF export.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="CPU serving.")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Pipeline.")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["train.lora.r=16", "data.placeholders.name=Lexi"]` → nested dict (values as YAML)."""
+    out: dict[str, Any] = {}
+    problems = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {pair!r}: expected section.key=value, e.g. train.lora.r=16")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"--set {pair!r}: {part} is both a value and a section")
+                break
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict) and k != "placeholders":
+            merged[k] = _merge(merged[k], v)
+        elif isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = {**merged[k], **v}
+        else:
+            merged[k] = v
+    return merged
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} problem(s) in the configuration:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            fix = "remove it or check the spelling (`llmft config` lists every key)"
+            lines.append(f"  - {key}: unknown key (value {value!r}); fix: {fix}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        shown = repr(value) if not isinstance(value, dict) else "{…}"
+        lines.append(f"  - {key}: got {shown}: {msg}; fix: --set {key}=<valid value>")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (default: configs/default.yaml), apply `--set` overrides, validate once."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found (fix: --config configs/default.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw)}")
+    raw = _merge(raw, parse_overrides(overrides or []))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, str(path))) from exc
+
+
+def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """One line per key: `train.lora.r (int, default 8): LoRA rank.`"""
+    lines = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.extend(describe(ann, key + "."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"{key} (default {default!r}): {field.description}")
+    return lines
