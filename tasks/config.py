@@ -217,6 +217,23 @@ class PipelineConfig(Section):
         "Who are you?", description="Prompt asked of the served GGUF at the end of a run."
     )
     promote: bool = Field(True, description="Promote the served GGUF if it is at least as good.")
+    promote_samples: int = Field(
+        16,
+        gt=0,
+        description="Test prompts both the candidate and the deployed GGUF answer before "
+        "promotion; the mean ROUGE-L F1 of their answers is compared.",
+    )
+    stage_timeout_minutes: float = Field(
+        720,
+        gt=0,
+        description="Kill a heavy stage's subprocess (evaluate, merge, export) after this long.",
+    )
+    train_on: Literal["auto", "local", "gpu-pool"] = Field(
+        "auto",
+        description="Where training runs: 'local' (a subprocess here), 'gpu-pool' (the "
+        "llmft-train/gpu deployment on the gpu work pool; the store must be shared), "
+        "'auto' (the gpu pool when a server has it with a worker online, else local).",
+    )
 
 
 class Config(Section):
