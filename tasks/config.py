@@ -58,9 +58,27 @@ class DataConfig(Section):
         16000, gt=0, description="Reject records whose prompt+response exceed this many chars."
     )
     max_tokens: int | None = Field(
-        None, gt=0, description="Reject records longer than this many tokens (needs a tokenizer)."
+        None,
+        gt=0,
+        description="Reject records whose text is longer than this many tokens "
+        "(needs data.tokenizer).",
     )
-    dedupe: bool = Field(True, description="Drop exact duplicates after normalisation.")
+    tokenizer: str | None = Field(
+        None,
+        description="Folder holding tokenizer.json, used only to count tokens for "
+        "data.max_tokens (e.g. the base model's folder).",
+    )
+    max_line_bytes: int = Field(
+        1 << 20,
+        gt=0,
+        description="JSON Lines: a longer line is rejected unparsed (too_long) so one huge "
+        "line cannot exhaust memory.",
+    )
+    dedupe: bool = Field(
+        True,
+        description="Drop exact duplicates after normalisation (all fields equal; the "
+        "first one read is kept).",
+    )
     placeholders: dict[str, str] = Field(
         default_factory=lambda: {"name": "Lexi", "author": "the llmft team"},
         description="Values for {{placeholders}} such as {{name}} and {{author}} in "
@@ -71,7 +89,10 @@ class DataConfig(Section):
     )
     seed: int = Field(42, description="Seed of the prompt hash that assigns splits.")
     max_samples: int | None = Field(
-        None, gt=0, description="Keep at most this many training records (after splitting)."
+        None,
+        gt=0,
+        description="Keep at most this many training records, the first ones read; the "
+        "rest are rejected as over_max_samples (dev and test are not capped).",
     )
 
     @model_validator(mode="after")
@@ -176,27 +197,76 @@ class TrainConfig(Section):
 class EvaluateConfig(Section):
     num_samples: int = Field(32, ge=0, description="Test records to generate answers for.")
     max_new_tokens: int = Field(64, gt=0, description="Generation length for evaluation.")
-    batch_size: int = Field(8, gt=0, description="Generation batch size.")
+    batch_size: int = Field(8, gt=0, description="Batch size for loss and generation.")
     compare_base: bool = Field(True, description="Also score the base model on the same prompts.")
+    max_loss_records: int = Field(
+        256, gt=0, description="Dev and test records (each) used for loss and perplexity."
+    )
+    zh_segmentation: Literal["jieba", "char"] = Field(
+        "jieba",
+        description="How Chinese text is split into tokens for BLEU/ROUGE: jieba words or "
+        "single characters.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where to evaluate (auto: CUDA when available)."
+    )
+
+
+# Types llama.cpp's quantizer accepts without an importance matrix (names as in llama-quantize).
+QUANT_TYPES = [
+    "q4_0",
+    "q4_1",
+    "q5_0",
+    "q5_1",
+    "q8_0",
+    "q2_k",
+    "q3_k_s",
+    "q3_k_m",
+    "q3_k_l",
+    "q4_k_s",
+    "q4_k_m",
+    "q5_k_s",
+    "q5_k_m",
+    "q6_k",
+    "iq4_nl",
+    "iq4_xs",
+]
 
 
 class ExportConfig(Section):
     enabled: bool = Field(True, description="Convert to GGUF (skipped for ptuning).")
     outtype: Literal["f16", "bf16", "f32"] = Field("f16", description="GGUF conversion type.")
     quantize: list[str] = Field(
-        default_factory=lambda: ["q8_0", "q4_k_m"], description="llama.cpp quantisation types."
+        default_factory=lambda: ["q8_0", "q4_k_m"],
+        description=f"llama.cpp quantisation types, any of: {', '.join(QUANT_TYPES)}.",
     )
-    lora_adapter: bool = Field(True, description="Also write the LoRA adapter as a GGUF adapter.")
+    lora_adapter: bool = Field(
+        True,
+        description="LoRA/QLoRA: also write the adapter as a GGUF adapter, with the base "
+        "model as a GGUF beside it, so llama.cpp can serve base + adapter unmerged.",
+    )
     verify_prompts: int = Field(16, ge=1, description="Dev records used to verify each GGUF.")
+    speed_tokens: int = Field(
+        32, gt=0, description="Tokens generated per GGUF to measure CPU tokens/s."
+    )
     ppl_tolerance: float = Field(
         0.05, ge=0, description="Serve the smallest GGUF whose perplexity is within this of HF."
     )
     max_ppl_ratio: float = Field(
-        2.0, gt=1, description="Fail the stage if the f16 GGUF's perplexity exceeds HF by this."
+        2.0,
+        gt=1,
+        description="Fail the stage if any GGUF's perplexity exceeds HF's times this.",
     )
     fail_stage: bool = Field(
         False, description="Fault switch for tests: make the export stage fail."
     )
+
+    @model_validator(mode="after")
+    def _known_quant_types(self) -> ExportConfig:
+        unknown = [q for q in self.quantize if q not in QUANT_TYPES]
+        if unknown:
+            raise ValueError(f"unknown quantisation type(s) {unknown}; choose from {QUANT_TYPES}")
+        return self
 
 
 class ServeConfig(Section):
@@ -204,9 +274,15 @@ class ServeConfig(Section):
     port: int = Field(8000, gt=0, lt=65536, description="Port of the API server.")
     api_key: str | None = Field(None, description="Require 'Authorization: Bearer KEY'.")
     n_ctx: int = Field(2048, gt=0, description="llama.cpp context size.")
+    n_threads: int | None = Field(None, gt=0, description="CPU threads (None: all cores).")
     max_prompt_tokens: int = Field(1536, gt=0, description="Reject longer prompts with 400.")
     max_tokens: int = Field(512, gt=0, description="Reject larger max_tokens with 400.")
-    max_concurrent: int = Field(1, gt=0, description="Generations running at once.")
+    default_max_tokens: int = Field(
+        256, gt=0, description="max_tokens when a request gives none (capped by max_tokens)."
+    )
+    max_concurrent: int = Field(
+        1, gt=0, description="Generations running at once (one llama.cpp context each)."
+    )
     max_queue: int = Field(8, ge=0, description="Requests waiting beyond that before 429.")
 
 
