@@ -30,7 +30,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"data.input={args.dataset}")
     cfg = load_config(args.config, overrides)
     summary = run_pipeline(cfg, summary_path=args.summary)
-    print(json.dumps({k: summary[k] for k in ("run_id", "served_gguf", "answer")}, indent=2))
+    for name, stage in summary["stages"].items():
+        how = "from the store" if stage["cached"] else "computed"
+        print(f"{name:9} {how:14} {stage['seconds']:8.1f} s  {stage['path']}")
+    default_file = Path(cfg.pipeline.store) / "runs" / summary["run_id"] / "summary.json"
+    shown = {k: summary.get(k) for k in ("run_id", "served_gguf", "answer")}
+    shown["promotion"] = (summary.get("promotion") or {}).get("reason")
+    shown["summary"] = str(args.summary or default_file)
+    print(json.dumps(shown, indent=2, ensure_ascii=False))
     return 0
 
 
@@ -80,19 +87,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     from flows.watch import watch
 
-    watch(Path(args.dir), interval=args.interval, once=args.once, stable_seconds=args.stable)
+    cfg = load_config(args.config, args.set)
+    watch(
+        Path(args.dir),
+        interval=args.interval,
+        once=args.once,
+        stable_seconds=args.stable,
+        state_file=Path(cfg.pipeline.store) / "watch" / "state.json",
+    )
     return 0
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from flows.deploy import deploy
+    from flows import deploy
 
-    deploy(prefect_yaml=Path(args.file))
+    if args.serve:
+        deploy.serve(args.config, args.set, watch_dir=Path(args.watch) if args.watch else None)
+    else:
+        deploy.deploy(prefect_yaml=Path(args.file))
     return 0
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    os.execvp("prefect", ["prefect", "server", "start", "--host", args.host, "--port", args.port])
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", args.host]
+    os.execv(sys.executable, [*cmd, "--port", args.port])
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -163,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = verb("deploy", cmd_deploy, "register deployments with a Prefect server")
     sp.add_argument("--file", default="deploy/prefect.yaml")
+    sp.add_argument(
+        "--serve", action="store_true", help="serve the pipeline deployments from this process"
+    )
+    sp.add_argument("--watch", metavar="DIR", help="with --serve: also serve the sensor on DIR")
 
     sp = verb("server", cmd_server, "start a local Prefect server (UI at http://127.0.0.1:4200)")
     sp.add_argument("--host", default="127.0.0.1")
