@@ -1,0 +1,75 @@
+"""Heavy stages in a child process: errors come back as kinds the retry policy can judge."""
+
+import pytest
+from prefect.states import Completed, Failed
+
+from flows.pipeline import is_transient
+from flows.stage import FaultInjected, OutOfMemory, StageFailed, run_in_subprocess
+from tasks.config import ConfigError, UserError, load_config
+from tasks.store import Ref
+
+
+def refs(tmp_path):
+    base, train = tmp_path / "base", tmp_path / "train"
+    base.mkdir()
+    train.mkdir()  # neither adapter/ nor model/: merge refuses with a user error
+    return Ref("base", "b" * 24, str(base)), Ref("train", "t" * 24, str(train))
+
+
+def test_user_error_in_the_child_comes_back_as_user_error(tmp_path):
+    base, train = refs(tmp_path)
+    cfg = load_config(None, [f"pipeline.store={tmp_path / 'store'}"])
+    lines = []
+    with pytest.raises(UserError, match="neither adapter/adapter_config.json nor model/"):
+        run_in_subprocess("merge", cfg, lines.append, base=base, train=train)
+    assert any(line.startswith("[merge] ") for line in lines)  # the child's output is logged
+
+
+def test_fault_switch_fails_the_stage_on_purpose(tmp_path, monkeypatch):
+    base, train = refs(tmp_path)
+    cfg = load_config(None, [f"pipeline.store={tmp_path / 'store'}"])
+    monkeypatch.setenv("LLMFT_FAIL_STAGE", "merge")
+    with pytest.raises(FaultInjected):
+        run_in_subprocess("merge", cfg, base=base, train=train)
+
+
+def test_a_stage_past_its_deadline_is_killed(tmp_path, monkeypatch):
+    base, train = refs(tmp_path)
+    # 0.005 min = 0.3 s: the child is still importing when the deadline comes.
+    cfg = load_config(
+        None, [f"pipeline.store={tmp_path / 'store'}", "pipeline.stage_timeout_minutes=0.005"]
+    )
+    with pytest.raises(StageFailed, match="killed after"):
+        run_in_subprocess("merge", cfg, base=base, train=train)
+
+
+def test_a_finished_artifact_starts_no_child(tmp_path, monkeypatch):
+    from tasks import merge
+    from tasks.store import Store
+
+    base, train = refs(tmp_path)
+    cfg = load_config(None, [f"pipeline.store={tmp_path / 'store'}"])
+    Store(cfg.pipeline.store).build("merge", merge.key(cfg, base, train), lambda tmp: None)
+    monkeypatch.setenv("LLMFT_FAIL_STAGE", "merge")  # would fail if a child started
+    ref = run_in_subprocess("merge", cfg, base=base, train=train)
+    assert ref.cached and ref.stage == "merge"
+
+
+@pytest.mark.parametrize(
+    ("error", "retry"),
+    [
+        (StageFailed("child process exited with status -9"), True),
+        (ConnectionError("server went away"), True),
+        (ConfigError("train.lora.r: got 0"), False),
+        (UserError("dataset not found"), False),
+        (FaultInjected("export: failed on purpose"), False),
+        (OutOfMemory("train: out of memory"), False),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),
+    ],
+)
+def test_retry_condition(error, retry):
+    assert is_transient(None, None, Failed(data=error)) is retry
+
+
+def test_retry_condition_on_success():
+    assert is_transient(None, None, Completed(data=1)) is True
