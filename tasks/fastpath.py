@@ -1,0 +1,467 @@
+"""GPU training fast path: what makes a step cheap, each part behind a config switch.
+
+Where a step's time goes on one H100 for a 1.2B Llama and LoRA (issue 6, bench/NOTES.md):
+4·N ≈ 4.9 GFLOP per trained token is ~6 µs at the measured ~800 TFLOP/s bf16 matmul
+rate, and the usual setup spends several times that on padding, fp32 logits over a 128k
+vocabulary, unfused norms/activations, and LoRA's side branch casting its input to fp32.
+The levers, and the switch behind each (`train.*` in the config):
+
+| lever                                                         | switch                      |
+| ------------------------------------------------------------- | --------------------------- |
+| padding-free rows, varlen flash attention keyed on record boundaries | `packing` (GPU recipes: on) |
+| micro-batches filled to a token budget (batch_size × cutoff_len) | `packing`                |
+| LoRA as one autograd function: low-rank update added in the GEMM epilogue | `lora.dropout: 0` |
+| loss fused with the LM head, only at labelled positions        | always on CUDA              |
+| Liger RMSNorm, SwiGLU, RoPE (and its fused linear CE)          | `liger: auto`               |
+| fused AdamW                                                   | always on CUDA              |
+| torch.compile of each decoder layer                           | `compile` (off)             |
+| gradient checkpointing                                        | `gradient_checkpointing`, or on by itself when the estimate says the batch won't fit |
+
+The training loop calls `prepare(model, cfg)` once, then per micro-batch `loss_sum(model,
+batch)` on batches from `tasks.packing.step_batches`, and builds its optimizer with
+`adamw(...)`. Everything here falls back to plain PyTorch/transformers behaviour where a
+lever does not apply (CPU, prefix tuning, quantized bases without a dequantizer, models
+whose head is not a plain linear layer), so the slow path stays the reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import types
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tasks.packing import IGNORE
+
+log = logging.getLogger(__name__)
+
+ATTN_NAME = "llmft_varlen"
+
+
+@dataclass
+class Plan:
+    """Which levers are on for this run; written to the metrics so a run says how it ran."""
+
+    device: str
+    packing: bool
+    attention: str  # llmft_varlen (flash varlen) | sdpa (block-diagonal mask) | unchanged
+    fused_lora: bool
+    fused_loss: str  # liger | chunked | off
+    liger: bool
+    fused_adamw: bool
+    compile: bool
+    gradient_checkpointing: bool
+    token_budget: int
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in asdict(self).items())
+
+
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None and torch.cuda.is_available()
+
+
+def make_plan(train_cfg: Any, device: torch.device | str, model: Any = None) -> Plan:
+    """Decide the levers from the config (`TrainConfig`), the device and the model."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    method = train_cfg.method
+    packing = bool(train_cfg.packing) and method != "ptuning"  # prefixes need the padded path
+    want_liger = train_cfg.liger is True or (train_cfg.liger == "auto" and cuda)
+    liger = want_liger and liger_available() and _liger_supports(model)
+    if train_cfg.liger is True and not liger:
+        log.warning("train.liger=true but liger-kernel is not usable here; running without it")
+    plain_head = model is None or _plain_head(model)
+    return Plan(
+        device=dev.type,
+        packing=packing,
+        attention=(ATTN_NAME if cuda and _flash_varlen_ok() else "sdpa")
+        if packing
+        else "unchanged",
+        fused_lora=cuda and method in ("lora", "qlora") and train_cfg.lora.dropout == 0.0,
+        fused_loss=("liger" if liger else "chunked") if cuda and plain_head else "off",
+        liger=liger,
+        fused_adamw=cuda,
+        compile=bool(train_cfg.compile),
+        gradient_checkpointing=bool(train_cfg.gradient_checkpointing),
+        token_budget=train_cfg.batch_size * train_cfg.cutoff_len,
+    )
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _flash_varlen_ok() -> bool:
+    return torch.cuda.is_available() and torch.backends.cuda.flash_sdp_enabled()
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: torch.Tensor,
+    max_len: int,
+    scale: float | None,
+) -> torch.Tensor:
+    """Causal attention within each record of a packed row. q: (T, Hq, D), k/v: (T, Hkv, D).
+
+    On CUDA: the flash kernel PyTorch ships, in its variable-length form (the same kernel
+    as SDPA's flash backend; grouped-query heads natively; differentiable). Elsewhere, and
+    for dtypes flash does not take: one SDPA call per record (the reference).
+    """
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        out = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale
+        )[0]
+        return out
+    outs = []
+    bounds = cu.tolist()
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))  # (H, L, D)
+        o = F.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=True, scale=scale, enable_gqa=ks.shape[0] != qs.shape[0]
+        )
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs, dim=0)
+
+
+def _attention_interface(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
+):
+    """transformers attention function: varlen on packed rows, SDPA on anything else."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or query.shape[0] != 1:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    # transformers hands (1, H, T, D); flash wants (T, H, D) with the last dim contiguous.
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    out = varlen_attention(q, k, v, cu, int(kwargs["max_length_q"]), scaling)
+    return out.unsqueeze(0), None  # (1, T, H, D), as sdpa_attention_forward returns
+
+
+def register_attention() -> None:
+    """Make `llmft_varlen` an attention implementation transformers can dispatch to.
+
+    Its mask function is SDPA's, so a padded batch (evaluation, generation) still gets a
+    correct mask; on packed rows the mask is built but unused (one bool T×T per forward,
+    ~0.1 ms), since the record boundaries travel as `cu_seq_lens_q`.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, _attention_interface)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+
+
+def set_attention(model: Any, name: str) -> str:
+    """Switch every config in the model to attention `name`; returns the previous one."""
+    base = _unwrap(model)
+    previous = base.config._attn_implementation
+    if name == ATTN_NAME:
+        register_attention()
+    base.set_attn_implementation(name)
+    return previous
+
+
+# --------------------------------------------------------------------------- fused LoRA
+
+
+class _LoraLinear(torch.autograd.Function):
+    """y = x Wᵀ + b + s·(x Aᵀ) Bᵀ with frozen W, as two GEMMs and one epilogue.
+
+    The usual path (peft under autocast) casts x to the adapter's fp32 and back, writes
+    B's output, scales it, then adds it to y: five passes over (tokens × out) or
+    (tokens × in) tensors per projection, each way. Here the low-rank update is added by
+    the second GEMM itself (addmm with beta=1, alpha=s), and backward adds the low-rank
+    part of dx the same way. Only x and the (tokens × r) product are kept for backward.
+    `weight_fn` returns W in the compute dtype (a 4-bit base dequantizes here, forward and
+    backward, as bitsandbytes does itself).
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, scale, base, dtype):  # noqa: D102
+        w = _base_weight(base, dtype)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        xa = x2 @ a.t()  # (M, r)
+        y = F.linear(x2, w, None if base.bias is None else base.bias.to(dtype))
+        y = torch.addmm(y, xa, b.t(), alpha=scale)
+        ctx.save_for_backward(x2, xa, lora_a, lora_b)
+        ctx.base, ctx.scale, ctx.dtype, ctx.x_dtype = base, scale, dtype, x.dtype
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: D102
+        x2, xa, lora_a, lora_b = ctx.saved_tensors
+        dtype, s = ctx.dtype, ctx.scale
+        g = gy.reshape(-1, gy.shape[-1]).to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        gxa = (g @ b) * s  # (M, r)
+        grad_b = (g.t() @ xa) * s  # (out, r)
+        grad_a = gxa.t() @ x2  # (r, in)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.addmm(g @ _base_weight(ctx.base, dtype), gxa, a)
+            gx = gx.reshape(*gy.shape[:-1], gx.shape[-1]).to(ctx.x_dtype)
+        return gx, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None
+
+
+def _base_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    weight = base.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes Linear4bit
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, quant_state).to(dtype)
+    return weight.to(dtype)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    if self.disable_adapters or self.merged or len(active) != 1 or args or kwargs:
+        return self._llmft_peft_forward(x, *args, **kwargs)
+    name = active[0]
+    return _LoraLinear.apply(
+        x,
+        self.lora_A[name].weight,
+        self.lora_B[name].weight,
+        self.scaling[name],
+        self.base_layer,
+        _compute_dtype(x),
+    )
+
+
+def _fusable(module: torch.nn.Module) -> bool:
+    """A peft LoRA linear whose forward is exactly y = base(x) + s·B(A(x))."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return False
+    if not isinstance(module, LoraLayer) or getattr(module, "fan_in_fan_out", False):
+        return False
+    if type(module).__name__ not in ("Linear", "Linear4bit"):
+        return False
+    base = module.base_layer
+    if base.weight.requires_grad or getattr(module, "lora_variant", {}):
+        return False
+    quantized = type(base).__name__ == "Linear4bit"
+    if not quantized and not isinstance(base, torch.nn.Linear):
+        return False
+    return all(isinstance(d, torch.nn.Identity) for d in module.lora_dropout.values())
+
+
+def fuse_lora(model: torch.nn.Module) -> int:
+    """Route each eligible LoRA linear through `_LoraLinear`; returns how many."""
+    n = 0
+    for module in model.modules():
+        if _fusable(module) and not hasattr(module, "_llmft_peft_forward"):
+            module._llmft_peft_forward = module.forward
+            module.forward = types.MethodType(_fused_lora_forward, module)
+            n += 1
+    return n
+
+
+# --------------------------------------------------------------------------- loss
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """sum over rows of CE(h Wᵀ, y), never holding more than `chunk` rows of logits.
+
+    Gradients are computed in the forward pass, chunk by chunk (softmax − onehot), as
+    Liger's fused linear cross-entropy does; this is its plain-PyTorch stand-in for when
+    liger-kernel is not installed, and runs on CPU for the tests. Logits are computed in
+    the input dtype and reduced in fp32, as the usual `logits.float()` path does.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):  # noqa: D102
+        acc = torch.promote_types(h.dtype, torch.float32)  # fp32, or fp64 in the tests
+        total = torch.zeros((), dtype=acc, device=h.device)
+        grad_h = torch.empty_like(h) if h.requires_grad else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if weight.requires_grad else None
+        for start in range(0, h.shape[0], chunk):
+            hc, yc = h[start : start + chunk], targets[start : start + chunk]
+            logits = (hc @ weight.t()).to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            probs = torch.exp_(logits.sub_(lse[:, None]))
+            probs[torch.arange(len(yc), device=h.device), yc] -= 1.0
+            p = probs.to(h.dtype)
+            if grad_h is not None:
+                grad_h[start : start + chunk] = p @ weight
+            if grad_w is not None:
+                grad_w.add_(p.t() @ hc)  # GEMM in the input dtype, summed in fp32
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        grad_h, grad_w = ctx.saved_tensors
+        gh = None if grad_h is None else grad_h * g.to(grad_h.dtype)
+        gw = None if grad_w is None else (grad_w * g).to(ctx.w_dtype)
+        return gh, gw, None, None
+
+
+def linear_cross_entropy_sum(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, impl: str = "chunked"
+) -> torch.Tensor:
+    """Σ cross-entropy(h · weightᵀ, targets) over rows, without the full logits tensor."""
+    if impl == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        # a trained head (full fine-tuning) accumulates its gradient over chunks in fp32
+        accum = torch.float32 if weight.requires_grad else None
+        return LigerFusedLinearCrossEntropyLoss(reduction="sum", accum_dtype=accum)(
+            weight, h, targets
+        )
+    # 4096 rows × 128k vocab × 4 bytes = 2 GiB of logits at a time, at most
+    chunk = max(256, (1 << 31) // (4 * weight.shape[0]))
+    return _ChunkedLinearCE.apply(h, weight, targets, chunk)
+
+
+def _unwrap(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _plain_head(model: Any) -> bool:
+    base = _unwrap(model)
+    cfg = base.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return False
+    head = base.get_output_embeddings()
+    return type(head) is torch.nn.Linear and head.bias is None and hasattr(base, "get_decoder")
+
+
+def loss_sum(model: Any, batch: dict[str, Any], plan: Plan) -> torch.Tensor:
+    """Summed token cross-entropy of one micro-batch (divide by the step's target count).
+
+    Fused path: run the decoder, gather the hidden states at labelled positions only
+    (prompt tokens never reach the 128k-wide head), and take the loss fused with the head.
+    Otherwise: the model's own forward with its own loss, on the same shifted labels.
+    """
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if "cu_seq_lens_q" in batch and plan.attention == ATTN_NAME:
+        for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+            inputs[k] = batch[k]
+    if plan.fused_loss != "off":
+        base = _unwrap(model)
+        hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["target_index"])
+        weight = base.get_output_embeddings().weight
+        dtype = _compute_dtype(h)
+        return linear_cross_entropy_sum(
+            h.to(dtype), weight.to(dtype), batch["targets"], plan.fused_loss
+        )
+    out = model(**inputs, use_cache=False)
+    logits = out.logits.float().reshape(-1, out.logits.shape[-1])
+    labels = batch["shift_labels"].reshape(-1)
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def _liger_supports(model: Any) -> bool:
+    if model is None:
+        return True
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return False
+    return _unwrap(model).config.model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
+
+
+def apply_liger(model: Any) -> None:
+    """Liger's Triton RMSNorm, SwiGLU and RoPE on this model instance (loss is ours)."""
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(
+        model=_unwrap(model),
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+    )
+
+
+def activation_bytes(config: Any, tokens: int) -> int:
+    """Saved activations for `tokens` tokens in bf16 without checkpointing.
+
+    Per layer and token: norm in/out (2d), q and rotated k (d + kv), v (kv), attention out
+    (d), residual and post-norm (2d), the o_proj input (d), gate, up and their product (3i):
+    7d + 2kv + 3i values. 1B config: (14336 + 1024 + 24576) × 2 B × 16 ≈ 1.3 MB per token.
+    """
+    d = config.hidden_size
+    kv = d * config.num_key_value_heads // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * (7 * d + 2 * kv + 3 * config.intermediate_size)
+    return int(per_token * tokens * 1.2)  # 20% for what the count leaves out
+
+
+def needs_checkpointing(model: Any, tokens: int, device: torch.device) -> bool:
+    """True when the weights, gradients, optimizer states already on the device plus this
+    micro-batch's activations would exceed 90% of the GPU's memory."""
+    if device.type != "cuda":
+        return False
+    free, total = torch.cuda.mem_get_info(device)
+    base = _unwrap(model)
+    trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
+    states = trainable * 12  # fp32 grad + two AdamW moments, allocated at the first step
+    need = activation_bytes(base.config, tokens) + states
+    return need > 0.9 * free
+
+
+def prepare(model: Any, train_cfg: Any, device: torch.device | str) -> Plan:
+    """Apply the levers to an already built (and peft-wrapped) model; returns the plan."""
+    device = torch.device(device)
+    plan = make_plan(train_cfg, device, model)
+    if plan.liger:
+        apply_liger(model)
+    if plan.attention == ATTN_NAME:
+        set_attention(model, ATTN_NAME)
+    if plan.fused_lora:
+        fused = fuse_lora(model)
+        plan.fused_lora = fused > 0
+    if not plan.gradient_checkpointing and needs_checkpointing(model, plan.token_budget, device):
+        plan.gradient_checkpointing = True
+        log.warning(
+            "micro-batches of %d tokens won't fit without gradient checkpointing: on",
+            plan.token_budget,
+        )
+    if plan.gradient_checkpointing:
+        _unwrap(model).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    if plan.compile:
+        for layer in _unwrap(model).get_decoder().layers:
+            layer.compile(dynamic=True)
+    log.info("fast path: %s", plan.describe())
+    return plan
+
+
+def adamw(
+    params: Any, lr: float, weight_decay: float, plan: Plan | None = None, **kwargs: Any
+) -> torch.optim.Optimizer:
+    """AdamW, the fused CUDA kernel when every parameter is on the GPU (one launch for
+    all tensors instead of a dozen per tensor group)."""
+    params = list(params)
+    if params and not isinstance(params[0], dict):
+        params = [p for p in params if p.requires_grad]
+    fused = plan.fused_adamw if plan is not None else torch.cuda.is_available()
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused, **kwargs)
