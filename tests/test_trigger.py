@@ -1,0 +1,148 @@
+"""Deployments on a real local server: a new dataset in a watched folder starts a pipeline run.
+
+The end-to-end test serves the pipeline's deployments (`llmft deploy --serve`, trigger
+included) against a `prefect server start`, drops a dataset into a watched folder, runs
+the sensor once, and waits for the triggered run to finish.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect_api import api, flow_runs, wait_for
+
+from flows.deploy import PREFECT_YAML, dataset_trigger
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def llmft(*args: str, env: dict, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_prefect_yaml_trigger_is_the_served_trigger():
+    spec = yaml.safe_load(PREFECT_YAML.read_text())
+    by_name = {d["name"]: d for d in spec["deployments"]}
+    (yaml_trigger,) = by_name["on-new-dataset"]["triggers"]
+    served = dataset_trigger()
+    assert set(yaml_trigger["expect"]) == served.expect == {"llmft.dataset.arrived"}
+    assert yaml_trigger["match"] == served.match.model_dump()
+    assert yaml_trigger["parameters"] == served.parameters
+    assert by_name["gpu"]["work_pool"]["name"] == "gpu"
+    assert by_name["gpu"]["concurrency_limit"] == 1
+    assert by_name["nightly"]["schedules"][0]["cron"] == "0 2 * * *"
+
+
+@pytest.mark.timeout(600)
+def test_new_dataset_starts_a_pipeline_run(prefect_server, tiny_pipeline, tmp_path):
+    env = prefect_server
+    watched = tmp_path / "incoming"
+    watched.mkdir()
+    sets = [x for s in tiny_pipeline["overrides"] for x in ("--set", s)]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "deploy", "--serve", *sets],
+        env=env,
+        cwd=REPO,
+        stdout=open(tmp_path / "serve.log", "w"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deployment = wait_for(
+            lambda: _deployment(env, "llmft-pipeline", "on-new-dataset"),
+            timeout=120,
+            what="served deployment registered",
+        )
+        wait_for(lambda: _automations(env, deployment["id"]), 60, what="trigger registered")
+
+        # The "upload": written under a temporary name, renamed when complete.
+        dataset = watched / "arrived.jsonl"
+        shutil.copy(tiny_pipeline["dataset"], watched / ".arrived.jsonl.part")
+        (watched / ".arrived.jsonl.part").rename(dataset)
+        store_set = ["--set", f"pipeline.store={tiny_pipeline['store']}"]
+        sensor = llmft(
+            "watch", "--dir", str(watched), "--once", "--stable", "0.5", *store_set, env=env
+        )
+        assert sensor.returncode == 0, sensor.stderr
+        assert "llmft.dataset.arrived" in sensor.stdout
+
+        run = wait_for(
+            lambda: _finished(flow_runs(env, deployment_id={"any_": [deployment["id"]]})),
+            timeout=420,
+            every=3,
+            what="triggered pipeline run finished",
+        )
+        assert run["state_type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-5000:]
+        assert run["parameters"]["dataset"] == str(dataset)
+        sha = json.loads((tiny_pipeline["store"] / "watch" / "state.json").read_text())
+        assert run["parameters"]["sha256"] in sha["emitted"]
+        summary = json.loads(
+            (tiny_pipeline["store"] / "runs" / run["id"] / "summary.json").read_text()
+        )
+        assert summary["status"] == "completed" and Path(summary["served_gguf"]).is_file()
+        assert summary["config"]["data"]["input"] == str(dataset)
+
+        # The same version seen again (a restarted sensor): no event, no second run.
+        again = llmft(
+            "watch", "--dir", str(watched), "--once", "--stable", "0.5", *store_set, env=env
+        )
+        assert again.returncode == 0 and "llmft.dataset.arrived" not in again.stdout
+        time.sleep(5)
+        assert len(flow_runs(env, deployment_id={"any_": [deployment["id"]]})) == 1
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+@pytest.mark.timeout(300)
+def test_llmft_deploy_registers_pools_and_deployments(prefect_server):
+    # Last in this file: the deployments it registers share the server with the test above.
+    env = prefect_server
+    done = llmft("deploy", env=env, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    names = {
+        (d["name"], api(env, "GET", f"/flows/{d['flow_id']}")["name"])
+        for d in api(env, "POST", "/deployments/filter", {})
+    }
+    assert {
+        ("nightly", "llmft-pipeline"),
+        ("on-new-dataset", "llmft-pipeline"),
+        ("gpu", "llmft-train"),
+        ("dataset-sensor", "llmft-dataset-sensor"),
+    } <= names
+    assert api(env, "GET", "/work_pools/gpu")["concurrency_limit"] == 1
+    assert api(env, "GET", "/work_pools/cpu")["type"] == "process"
+    gpu = _deployment(env, "llmft-train", "gpu")
+    assert gpu["work_pool_name"] == "gpu"
+    assert gpu["global_concurrency_limit"]["limit"] == 1
+    nightly = _deployment(env, "llmft-pipeline", "nightly")
+    assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+    assert _automations(env, _deployment(env, "llmft-pipeline", "on-new-dataset")["id"])
+
+
+def _deployment(env, flow: str, name: str) -> dict | None:
+    try:
+        return api(env, "GET", f"/deployments/name/{flow}/{name}")
+    except Exception:
+        return None
+
+
+def _automations(env, deployment_id: str) -> list[dict]:
+    related = api(env, "GET", f"/automations/related-to/prefect.deployment.{deployment_id}")
+    return [a for a in related if a["enabled"]]
+
+
+def _finished(runs: list[dict]) -> dict | None:
+    done = [r for r in runs if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")]
+    return done[0] if done else None
