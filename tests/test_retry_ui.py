@@ -1,0 +1,64 @@
+"""Retry from the UI: a run whose export failed is retried and finishes, recomputing nothing.
+
+Against a real `prefect server start`: `llmft run` with the export fault switch on fails
+at export; `prefect flow-run retry` (what the UI's Retry button asks for) re-runs the same
+flow run with the same parameters and the switch off. Training, evaluation and merge done
+by the failed attempt come back from the store.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prefect_api import api, flow_runs
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(600)
+def test_retry_after_a_failed_export_recomputes_nothing_before_it(prefect_server, tiny_pipeline):
+    env = dict(prefect_server)
+    # A training seed no other test uses: the failing attempt computes train, evaluate, merge.
+    sets = [x for s in [*tiny_pipeline["overrides"], "train.seed=7"] for x in ("--set", s)]
+    failing = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", *sets],
+        env={**env, "LLMFT_FAIL_STAGE": "export"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
+    assert failing.returncode != 0
+    assert "failed on purpose" in failing.stdout + failing.stderr
+    (run,) = [r for r in flow_runs(env) if r["state_type"] == "FAILED"]
+    summary_file = tiny_pipeline["store"] / "runs" / run["id"] / "summary.json"
+    attempt = json.loads(summary_file.read_text())
+    assert attempt["status"] == "running"  # written up to the stage that failed
+    assert list(attempt["stages"]) == ["data", "base", "train", "evaluate", "merge"]
+    assert not attempt["stages"]["train"]["cached"]
+
+    retry_env = {k: v for k, v in env.items() if k != "LLMFT_FAIL_STAGE"}
+    assert "LLMFT_FAIL_STAGE" not in os.environ
+    retry = subprocess.run(
+        [sys.executable, "-m", "prefect", "flow-run", "retry", run["id"]]
+        + ["--entrypoint", "flows/pipeline.py:pipeline"],
+        env=retry_env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert "completed successfully" in retry.stdout
+
+    summary = json.loads(summary_file.read_text())
+    assert summary["status"] == "completed" and summary["run_id"] == run["id"]
+    for name, stage in attempt["stages"].items():
+        assert summary["stages"][name]["cached"], f"{name} was recomputed by the retry"
+        assert summary["stages"][name]["key"] == stage["key"]
+    assert not summary["stages"]["export"]["cached"]
+    assert Path(summary["served_gguf"]).is_file() and summary["answer"]
+    assert api(env, "GET", f"/flow_runs/{run['id']}")["state_type"] == "COMPLETED"
