@@ -44,18 +44,30 @@ class DataConfig(Section):
         "columns (prompt_column/response_column), messages (role/content), "
         "sharegpt (conversations from/value).",
     )
-    prompt_column: str = Field("instruction", description="Prompt column for format=columns.")
+    prompt_column: str = Field(
+        "instruction",
+        description="Prompt column for format=columns; auto-detection picks columns when "
+        "both named columns exist and are not instruction/output.",
+    )
     response_column: str = Field("output", description="Response column for format=columns.")
-    system_column: str | None = Field(None, description="Optional system-prompt column.")
+    system_column: str | None = Field(
+        None, description="Optional system-prompt column for format=columns."
+    )
     normalize_unicode: bool = Field(True, description="Apply Unicode NFC normalisation.")
     strip_control: bool = Field(
-        True, description="Remove control characters (keeping newline and tab)."
+        True,
+        description="Remove control characters except newline and tab, plus zero-width "
+        "space and BOM; CRLF and CR become newline.",
     )
     collapse_whitespace: bool = Field(
-        True, description="Trim ends and collapse runs of spaces; newlines are kept."
+        True,
+        description="Trim each field, drop spaces at line ends, squeeze runs of spaces or "
+        "tabs inside a line to one (indentation kept), at most one blank line in a row.",
     )
     max_chars: int = Field(
-        16000, gt=0, description="Reject records whose prompt+response exceed this many chars."
+        16000,
+        gt=0,
+        description="Reject records whose text (all fields together) exceeds this many characters.",
     )
     max_tokens: int | None = Field(
         None,
@@ -93,6 +105,12 @@ class DataConfig(Section):
         gt=0,
         description="Keep at most this many training records, the first ones read; the "
         "rest are rejected as over_max_samples (dev and test are not capped).",
+    )
+    workers: int = Field(
+        0,
+        ge=0,
+        description="Processes that parse and clean big JSON Lines files (0: one per CPU "
+        "core; 1: none). The output is the same for any value.",
     )
 
     @model_validator(mode="after")

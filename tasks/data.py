@@ -1,0 +1,444 @@
+"""The data stage: raw dataset → cleaned, deduplicated train/dev/test splits.
+
+    read (tasks/ingest.py) → fill placeholders → NFC → control chars → whitespace
+    → reject empty / too long / too many tokens → dedupe → split by prompt hash → write
+
+`prepare` does everything that needs only one batch (32k records): cleaning runs on
+pyarrow string arrays, where one regex pass finds the few records that need a fix and
+only those are rewritten. Big JSON Lines files are cut into 16 MiB chunks that worker
+processes prepare in parallel; the `Splitter` in the main process keeps what needs the
+whole run (the dedupe fingerprints, the split files) and takes the batches in file order,
+so the output is the same for any number of workers. Memory holds a few batches plus a
+16-byte fingerprint per kept record, whatever the file size.
+
+A record's split comes from `xxh3_64(instruction + input, seed)`: adding records never
+moves an existing one, and records with the same prompt always land in the same split.
+
+Outputs: train.json dev.json test.json (JSON arrays of canonical records), rejected.jsonl
+(one line per dropped record, with its reason), report.json. Always
+`input_records == kept + rejected` and `kept == train + dev + test`.
+
+Run alone: `python -m tasks.data [--config FILE] [--set data.input=PATH] [--output-dir DIR]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import xxhash
+
+from tasks.config import Config, DataConfig, UserError, load_config
+from tasks.ingest import (
+    Batch,
+    DataError,
+    LineAt,
+    dataset_files,
+    is_jsonl,
+    jsonl_chunks,
+    jsonl_shape,
+    read_file,
+    read_jsonl,
+)
+from tasks.store import Ref, Store, hash_file, make_key, write_json_atomic
+
+VERSION = "1"
+SPLITS = ("train", "dev", "test")
+CHUNK_BYTES = 16 << 20  # one worker task: ~25k records of 650 bytes
+MAX_REJECT_BYTES = 64 << 10  # a bigger rejected record is cut to its head in rejected.jsonl
+CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\x{200b}\x{feff}]"
+# (pattern, replacement) in order; RE2 syntax, applied only to records that match one.
+CONTROL_FIXES = [(r"\r\n?", "\n"), (CONTROL, "")]
+WHITESPACE_FIXES = [
+    (r"[ \t]+\n", "\n"),  # spaces at line ends
+    (r"\n{3,}", "\n\n"),  # at most one blank line
+    (r"(\S)[ \t]{2,}", r"\1 "),  # runs inside a line; leading indentation is kept
+]
+
+
+def clean_text(values: pa.Array, cfg: DataConfig) -> pa.Array:
+    """Placeholders, NFC, control characters and whitespace for one string array."""
+    fixes = [
+        (_literal("{{" + k + "}}"), v.replace("\\", "\\\\")) for k, v in cfg.placeholders.items()
+    ]
+    fixes += CONTROL_FIXES if cfg.strip_control else []
+    fixes += WHITESPACE_FIXES if cfg.collapse_whitespace else []
+    if fixes:
+        needs = pc.fill_null(pc.match_substring_regex(values, "|".join(p for p, _ in fixes)), False)
+        if pc.any(needs).as_py():
+            subset = values.filter(needs)
+            for pattern, replacement in fixes:
+                subset = pc.replace_substring_regex(subset, pattern, replacement)
+            values = pc.replace_with_mask(values, needs, subset)
+    if cfg.normalize_unicode:  # only non-ASCII text can change; that skips most of English
+        needs = pc.fill_null(pc.invert(pc.string_is_ascii(values)), False)
+        if pc.any(needs).as_py():
+            normal = pc.utf8_normalize(values.filter(needs), "NFC")
+            values = pc.replace_with_mask(values, needs, normal)
+    if cfg.collapse_whitespace:
+        values = pc.utf8_trim_whitespace(values)
+    return values
+
+
+def _literal(text: str) -> str:
+    return "".join("\\" + c if c in r"\.^$|?*+()[]{}" else c for c in text)
+
+
+def _clean_history(history: list[Any], cfg: DataConfig) -> list[Any]:
+    flat = [text for turns in history if turns for pair in turns for text in pair]
+    if not flat:
+        return history
+    cleaned = iter(clean_text(_array(flat), cfg).to_pylist())
+    return [[[next(cleaned), next(cleaned)] for _ in turns] if turns else None for turns in history]
+
+
+def _array(values: pa.Array | list[str | None]) -> pa.Array:
+    if isinstance(values, pa.Array):
+        return values
+    # pa.array() imports pandas on its first call (0.7 s on 2 cores); the builder does not
+    builder = pa.lib.StringBuilder()
+    builder.append_values(values)
+    return builder.finish()
+
+
+def _chars(fields: dict[str, pa.Array], history: list[Any] | None) -> list[int]:
+    lengths = [pc.fill_null(pc.utf8_length(v), 0) for v in fields.values()]
+    chars = pc.add(pc.add(lengths[0], lengths[1]), pc.add(lengths[2], lengths[3])).to_pylist()
+    if history:
+        chars = [
+            n + sum(len(a) + len(b) for a, b in h or ())
+            for n, h in zip(chars, history, strict=True)
+        ]
+    return chars
+
+
+def _tokens(tokenizer: Any, columns: list[list], history: list[Any] | None) -> list[int]:
+    texts = []
+    for i, parts in enumerate(zip(*columns, strict=True)):
+        turns = [t for pair in history[i] or () for t in pair] if history else []
+        texts.append("\n".join([p for p in parts if p] + turns))
+    return [len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+@dataclass
+class Prepared:
+    """One batch cleaned and filtered: all that is left is dedupe and writing."""
+
+    file: str
+    shape: str
+    unit: str
+    records: int  # records read, kept or not
+    blank: int
+    lines: int  # JSON Lines: lines read up to the end of this batch
+    rejected: list[dict[str, Any]]
+    positions: list[int]  # line or row of each surviving record
+    index: list[int]  # its index in the batch, for `original`
+    original: Callable[[int], Any]
+    blob: bytes  # the surviving records' canonical JSON, back to back
+    ends: list[int]  # where each one ends in `blob`
+    splits: bytes  # 0 train, 1 dev, 2 test
+    fingerprints: list[int]  # xxh3-128 of the JSON: a false match has odds 2**-128
+
+
+def prepare(batch: Batch, cfg: DataConfig, tokenizer: Any = None) -> Prepared:
+    """Clean one batch and reject what is empty or too long; assign splits."""
+    fields = {k: clean_text(_array(v), cfg) for k, v in batch.fields.items()}
+    history = _clean_history(batch.history, cfg) if batch.history else None
+    chars = _chars(fields, history)
+    columns = [v.to_pylist() for v in fields.values()]
+    tokens = _tokens(tokenizer, columns, history) if cfg.max_tokens else None
+    bounds = (int(cfg.split[0] * 2**64), int((cfg.split[0] + cfg.split[1]) * 2**64))
+    out = Prepared(
+        batch.file, batch.shape, batch.unit, len(batch.positions) + len(batch.rejected), batch.blank,
+        batch.lines, list(batch.rejected), [], [], batch.original, b"", [], b"", [],
+    )  # fmt: skip
+    blob, splits = bytearray(), bytearray()
+    for i, (instruction, input_, output, system) in enumerate(zip(*columns, strict=True)):
+        reason = detail = None
+        if not instruction:
+            reason, detail = "empty_prompt", "instruction is empty after cleaning"
+        elif not output:
+            reason, detail = "empty_response", "output is empty after cleaning"
+        elif chars[i] > cfg.max_chars:
+            reason, detail = (
+                "too_long",
+                f"{chars[i]:,} characters > data.max_chars={cfg.max_chars:,}",
+            )
+        elif tokens and tokens[i] > cfg.max_tokens:
+            reason, detail = (
+                "too_many_tokens",
+                f"{tokens[i]:,} tokens > data.max_tokens={cfg.max_tokens:,}",
+            )
+        if reason:
+            where = {"file": batch.file, batch.unit: batch.positions[i]}
+            out.rejected.append(
+                {"reason": reason, "detail": detail, **where, "record": batch.original(i)}
+            )
+            continue
+        record = {"instruction": instruction, "input": input_, "output": output}
+        if system:
+            record["system"] = system
+        if history and history[i]:
+            record["history"] = history[i]
+        text = orjson.dumps(record)
+        blob += text  # joined at once: holding 32k orjson results would cost 4 KiB each
+        out.ends.append(len(blob))
+        out.fingerprints.append(xxhash.xxh3_128_intdigest(text))
+        h = xxhash.xxh3_64_intdigest(f"{instruction}\0{input_}".encode(), seed=cfg.seed)
+        splits.append(0 if h < bounds[0] else 1 if h < bounds[1] else 2)
+        out.positions.append(batch.positions[i])
+        out.index.append(i)
+    out.blob, out.splits = bytes(blob), bytes(splits)
+    return out
+
+
+class Splitter:
+    """Dedupes across the whole run and writes the three JSON arrays and rejected.jsonl."""
+
+    def __init__(self, output_dir: Path, cfg: DataConfig) -> None:
+        self.cfg = cfg
+        output_dir.mkdir(parents=True, exist_ok=True)
+        # open for the whole run, closed by close(); 1 MiB buffers: a write is ~650 bytes
+        self.files = {s: open(output_dir / f"{s}.json", "wb", buffering=1 << 20) for s in SPLITS}  # noqa: SIM115
+        self.rejects = open(output_dir / "rejected.jsonl", "wb", buffering=1 << 20)  # noqa: SIM115
+        self.counts: Counter[str] = Counter()
+        self.reasons: Counter[str] = Counter()
+        self.seen: set[int] = set()
+        for f in self.files.values():
+            f.write(b"[")
+
+    def close(self) -> None:
+        for s, f in self.files.items():
+            f.write(b"\n]\n" if self.counts[s] else b"]\n")
+            f.close()
+        self.rejects.close()
+
+    def reject(self, rejection: dict[str, Any]) -> None:
+        self.reasons[rejection["reason"]] += 1
+        line = orjson.dumps(rejection, default=str)
+        if len(line) > MAX_REJECT_BYTES and "record" in rejection:
+            record = orjson.dumps(rejection.pop("record"), default=str)
+            rejection["raw"] = record[:1000].decode("utf-8", "ignore")
+            rejection["raw_bytes"] = len(record)
+            line = orjson.dumps(rejection)
+        self.rejects.write(line + b"\n")
+
+    def add(self, p: Prepared, line_base: int = 0) -> None:
+        """Write one prepared batch; `line_base` turns chunk line numbers into file ones."""
+        rejected = p.rejected
+        cap = self.cfg.max_samples
+        view, start = memoryview(p.blob), 0
+        for i, (end, split, fingerprint) in enumerate(
+            zip(p.ends, p.splits, p.fingerprints, strict=True)
+        ):
+            text, start = view[start:end], end
+            reason = None
+            if self.cfg.dedupe and fingerprint in self.seen:
+                reason, detail = "duplicate", "same record as an earlier one after cleaning"
+            elif split == 0 and cap and self.counts["train"] >= cap:
+                reason, detail = "over_max_samples", f"train already holds data.max_samples={cap}"
+            if reason:
+                where = {"file": p.file, p.unit: p.positions[i]}
+                record = p.original(p.index[i])
+                rejected.append({"reason": reason, "detail": detail, **where, "record": record})
+                continue
+            self.seen.add(fingerprint)
+            name = SPLITS[split]
+            self.files[name].write(b",\n" if self.counts[name] else b"\n")
+            self.files[name].write(text)
+            self.counts[name] += 1
+        for rejection in sorted(rejected, key=lambda r: r[p.unit]):  # same order for any workers
+            rejection[p.unit] += line_base
+            self.reject(rejection)
+
+
+# --- parallel JSON Lines ------------------------------------------------------------------
+
+_worker_tokenizers: dict[str, Any] = {}
+
+
+def _prepare_chunk(
+    path: Path, name: str, cfg: DataConfig, shape: str, span: tuple[int, int], tok: Path | None
+) -> list[Prepared]:
+    """Worker process: read and prepare the lines in one byte range of a JSON Lines file."""
+    tokenizer = None
+    if tok is not None:
+        tokenizer = _worker_tokenizers.setdefault(str(tok), load_tokenizer(tok))
+    prepared = []
+    for batch in read_jsonl(path, name, cfg, shape, *span):
+        p = prepare(batch, cfg, tokenizer)
+        p.original = LineAt(path, batch.offsets or [])  # records stay here; offsets travel
+        prepared.append(p)
+    return prepared
+
+
+def _parallel_jsonl(
+    path: Path, name: str, cfg: DataConfig, workers: int, tok: Path | None
+) -> Iterator[tuple[Prepared, int]]:
+    """(prepared batch, line number base) in file order, from `workers` processes."""
+    shape = jsonl_shape(path, cfg)
+    spans = jsonl_chunks(path, CHUNK_BYTES, cfg.max_line_bytes)
+    # fork: workers start in milliseconds with everything imported; spawn where there is none
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    base = 0
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+        pending: deque = deque()
+        spans_left = deque(spans)
+        while spans_left or pending:
+            while spans_left and len(pending) < 2 * workers:  # bounded: memory stays flat
+                span = spans_left.popleft()
+                pending.append(pool.submit(_prepare_chunk, path, name, cfg, shape, span, tok))
+            chunk = pending.popleft().result()
+            for p in chunk:
+                yield p, base
+            base += chunk[-1].lines
+
+
+def _prepared(path: Path, name: str, cfg: DataConfig, tokenizer: Any, tok: Path | None):
+    workers = cfg.workers or len(os.sched_getaffinity(0))
+    big = is_jsonl(path) and path.stat().st_size >= 2 * CHUNK_BYTES
+    if workers > 1 and big:
+        yield from _parallel_jsonl(path, name, cfg, workers, tok)
+        return
+    for batch in read_file(path, name, cfg):
+        yield prepare(batch, cfg, tokenizer), 0
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(f"data.tokenizer={str(folder)!r}: no tokenizer.json in that folder")
+    return Tokenizer.from_file(str(path))
+
+
+def _names(root: Path, files: list[Path]) -> list[str]:
+    """How reports refer to files: relative to the input folder, or the file's own name."""
+    return [p.name if root.is_file() else p.relative_to(root).as_posix() for p in files]
+
+
+def clean_dataset(
+    input: Path, output_dir: Path, cfg: DataConfig, tokenizer_dir: Path | None = None
+) -> dict[str, Any]:
+    """Clean and split `input` (file or folder) into `output_dir`; returns the report."""
+    files, ignored = dataset_files(input)
+    tok = tokenizer_dir or (Path(cfg.tokenizer) if cfg.tokenizer else None)
+    tokenizer = None
+    if cfg.max_tokens:
+        if tok is None:
+            raise DataError(
+                f"data.max_tokens={cfg.max_tokens} needs a tokenizer "
+                "(fix: --set data.tokenizer=FOLDER_WITH_TOKENIZER_JSON)"
+            )
+        tokenizer = load_tokenizer(tok)
+    splitter = Splitter(output_dir, cfg)
+    per_file, blank = [], 0
+    try:
+        for path, name in zip(files, _names(input, files), strict=True):
+            rejected_before, records, shape = sum(splitter.reasons.values()), 0, None
+            for p, line_base in _prepared(
+                path, name, cfg, tokenizer, tok if cfg.max_tokens else None
+            ):
+                splitter.add(p, line_base)
+                records, blank, shape = records + p.records, blank + p.blank, p.shape
+            rejected = sum(splitter.reasons.values()) - rejected_before
+            per_file.append(
+                {"file": name, "shape": shape, "records": records, "rejected": rejected}
+            )
+    except BaseException:
+        splitter.close()
+        for s in (*SPLITS, "rejected"):
+            (output_dir / f"{s}.json{'l' if s == 'rejected' else ''}").unlink(missing_ok=True)
+        raise
+    splitter.close()
+    rejected = sum(splitter.reasons.values())
+    input_records = sum(f["records"] for f in per_file)
+    report = {
+        "input_records": input_records,
+        "kept": input_records - rejected,
+        "rejected": rejected,
+        "rejected_by_reason": dict(sorted(splitter.reasons.items())),
+        **{s: splitter.counts[s] for s in SPLITS},
+        "blank_lines": blank,
+        "files": per_file,
+        "ignored_files": _names(input, ignored),
+        "split": list(cfg.split),
+        "seed": cfg.seed,
+    }
+    if report["kept"] != sum(splitter.counts[s] for s in SPLITS):  # a bug, not a user error
+        raise RuntimeError(f"data stage lost records: {report}")
+    write_json_atomic(output_dir / "report.json", report)
+    return report
+
+
+def _inputs(cfg: Config, tokenizer_dir: Path | None) -> dict[str, str]:
+    root = Path(cfg.data.input)
+    files, _ = dataset_files(root)
+    inputs = {name: hash_file(p) for p, name in zip(files, _names(root, files), strict=True)}
+    tok = tokenizer_dir or (Path(cfg.data.tokenizer) if cfg.data.tokenizer else None)
+    if cfg.data.max_tokens and tok and (tok / "tokenizer.json").is_file():
+        inputs["tokenizer.json"] = hash_file(tok / "tokenizer.json")
+    return inputs
+
+
+def _section(cfg: Config) -> dict[str, Any]:
+    section = cfg.data.model_dump(mode="json")
+    for name in ("input", "tokenizer", "workers"):  # paths and speed never enter a key
+        section.pop(name)
+    return section
+
+
+def key(cfg: Config, tokenizer_dir: Path | None = None) -> str:
+    """Hash of the dataset files' contents (and names within the folder) + data config."""
+    return make_key("data", VERSION, _section(cfg), _inputs(cfg, tokenizer_dir))
+
+
+def run(cfg: Config, store: Store, tokenizer_dir: Path | None = None) -> Ref:
+    inputs = _inputs(cfg, tokenizer_dir)
+    stage_key = make_key("data", VERSION, _section(cfg), inputs)
+
+    def work(tmp: Path) -> dict[str, Any]:
+        return {"report": clean_dataset(Path(cfg.data.input), tmp, cfg.data, tokenizer_dir)}
+
+    ref = store.build("data", stage_key, work, inputs=inputs, config=_section(cfg))
+    report = ref.manifest()["report"]
+    if report["train"] == 0:
+        raise DataError(
+            f"{cfg.data.input}: no training records left after cleaning "
+            f"(rejected: {report['rejected_by_reason']}; see {ref.dir / 'rejected.jsonl'})"
+        )
+    return ref
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m tasks.data", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="YAML recipe (default: configs/default.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--output-dir", help="write here instead of the artifact store")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        if args.output_dir:
+            report = clean_dataset(Path(cfg.data.input), Path(args.output_dir), cfg.data)
+            print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+        else:
+            print(run(cfg, Store(cfg.pipeline.store)).path)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
