@@ -259,6 +259,14 @@ def _reject(reason: str, detail: str, name: str, unit: str, pos: int, **what: An
     return {"reason": reason, "detail": detail, "file": name, unit: pos, **what}
 
 
+def _why_not_json(line: bytes, exc: orjson.JSONDecodeError) -> tuple[str, str]:
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return "invalid_utf8", f"not valid UTF-8: byte {line[bad.start]:#x} at offset {bad.start}"
+    return "invalid_json", f"not valid JSON: {exc}"
+
+
 def _raw(line: bytes) -> str:
     return line.decode("utf-8", "replace").rstrip("\r\n")[:RAW_HEAD]
 
@@ -317,8 +325,7 @@ def read_jsonl(
                 if not line.strip():
                     batch.blank += 1
                     continue
-                reason = "invalid_utf8" if "UTF-8" in str(exc) else "invalid_json"
-                batch.reject(reason, str(exc), number, raw=_raw(line))
+                batch.reject(*_why_not_json(line, exc), number, raw=_raw(line))
                 continue
             batch.add(number, record, cfg, offset - size)
             if len(batch) >= BATCH_RECORDS:
