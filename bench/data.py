@@ -12,21 +12,29 @@ them dirty, then runs, each in its own child process:
   invalid line, so it gets a copy of the file without the lines that are not valid JSON
   objects with text fields (a head start: it never sees 1 % of the dirt).
 
-Records/s counts the records of each pipeline's own input file; peak memory is the child's
-RSS high-water mark (`os.wait4`). Not a test: it prints a table.
+Records/s counts the records of each pipeline's own input file over wall-clock time, the
+process start included; CPU s adds user and system time of the process and its workers;
+peak memory is the highest sum of PSS (resident memory, pages shared between processes
+counted once) over the process and its children, sampled every 50 ms. Not a test: it prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = [
@@ -190,17 +198,46 @@ def _loadable(raw: bytes) -> bool:
     return isinstance(obj, dict) and all(isinstance(v, str) for v in obj.values())
 
 
-def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
-    """(seconds, peak RSS in bytes, stdout) of one child process."""
+@dataclass
+class Result:
+    name: str
+    records: int  # lines of its own input file
+    kept: int
+    seconds: float  # wall clock
+    cpu_seconds: float  # user + system, worker processes included
+    peak_rss: int  # bytes of PSS, summed over the process and its children
+    input_bytes: int
+
+
+def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int, str]:
+    """(wall seconds, CPU seconds, peak RSS of the process tree, stdout) of one command."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
+    peak = [0]
+    sampler = threading.Thread(target=_sample_rss, args=(proc.pid, peak), daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
     seconds = time.perf_counter() - start
-    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    sampler.join()
     if proc.returncode != 0:
-        sys.exit(f"{cmd[0]} failed ({proc.returncode}):\n{err[-3000:]}")
-    return seconds, usage.ru_maxrss * 1024, out
+        sys.exit(f"{cmd[0]} failed ({proc.returncode}):\n{err.decode()[-3000:]}")
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # cumulative: callers take deltas
+    return seconds, usage.ru_utime + usage.ru_stime, peak[0], out.decode()
+
+
+def _sample_rss(pid: int, peak: list[int]) -> None:
+    try:
+        root = psutil.Process(pid)
+        while root.is_running() and root.status() != psutil.STATUS_ZOMBIE:
+            tree = [root, *root.children(recursive=True)]
+            rss = 0
+            for p in tree:
+                with contextlib.suppress(psutil.Error):  # PSS: shared pages counted once
+                    rss += p.memory_full_info().pss
+            peak[0] = max(peak[0], rss)
+            time.sleep(0.05)
+    except psutil.Error:
+        pass
 
 
 def count_lines(path: Path) -> int:
@@ -214,66 +251,41 @@ def main() -> None:
     p.add_argument("--workdir", help="keep files here (default: a temp folder, removed)")
     p.add_argument("--skip-baseline", action="store_true")
     args = p.parse_args()
+    results: list[Result] = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         src, base_src = work / "raw.jsonl", work / "raw_loadable.jsonl"
         t = time.perf_counter()
         generate(src, base_src, args.records)
         size = src.stat().st_size
-        print(
-            f"generated {args.records:,} records, {size / 1e6:,.0f} MB, "
-            f"in {time.perf_counter() - t:.0f} s",
-            flush=True,
-        )
+        print(f"generated {args.records:,} records ({size / 2**20:,.0f} MiB) in "
+              f"{time.perf_counter() - t:.0f} s; load average {os.getloadavg()[0]:.1f} "
+              f"on {os.cpu_count()} CPUs", flush=True)  # fmt: skip
         env = {**os.environ, "HF_DATASETS_CACHE": str(work / "hf"), "HF_HUB_OFFLINE": "1"}
-        llmft = [
-            str(REPO / ".venv/bin/llmft"),
-            "data",
-            "--input",
-            str(src),
-            "--output-dir",
-            str(work / "ours"),
-        ]
-        rows = []
-        secs, rss, out = measure(llmft, env)
+        llmft = [str(REPO / ".venv/bin/llmft"), "data", "--input", str(src)]
+        secs, cpu, rss, out = measure([*llmft, "--output-dir", str(work / "ours")], env)
         report = json.loads(out)
-        rows.append(("llmft data", args.records, report["kept"], secs, rss, size))
+        results.append(Result("llmft data", args.records, report["kept"], secs, cpu, rss, size))
         if not args.skip_baseline:
-            base_n = count_lines(base_src)
             (work / "theirs").mkdir()
-            cmd = [
-                sys.executable,
-                "-c",
-                BASELINE_SCRIPT,
-                str(base_src),
-                str(work / "theirs"),
-                str(work / "hf"),
-            ]
-            secs, rss, out = measure(cmd, env)
-            rows.append(
-                (
-                    "datasets (usual recipe)",
-                    base_n,
-                    int(out.split()[-1]),
-                    secs,
-                    rss,
-                    base_src.stat().st_size,
-                )
-            )
-    print()
-    print("| pipeline | input records | kept | seconds | records/s | peak RSS | RSS / input |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, n, kept, secs, rss, fsize in rows:
-        print(
-            f"| {name} | {n:,} | {kept:,} | {secs:.1f} | {n / secs:,.0f} | "
-            f"{rss / 2**20:,.0f} MiB | {rss / fsize:.2f}× |"
-        )
-    if len(rows) == 2:
-        speedup = (rows[0][1] / rows[0][3]) / (rows[1][1] / rows[1][3])
-        print(
-            f"\nllmft data is {speedup:.1f}× the records/s of the datasets recipe; "
-            f"input {size / 2**20:,.0f} MiB."
-        )
+            cmd = [sys.executable, "-c", BASELINE_SCRIPT, str(base_src), str(work / "theirs")]
+            secs, cpu2, rss, out = measure([*cmd, str(work / "hf")], env)
+            name = "datasets: load → map → filter → dedupe → split → to_json"
+            n, kept = count_lines(base_src), int(out.split()[-1])
+            results.append(Result(name, n, kept, secs, cpu2 - cpu, rss, base_src.stat().st_size))
+    print(f"load average after: {os.getloadavg()[0]:.1f}\n")
+    print(
+        "| pipeline | input records | kept | wall s | CPU s | records/s | peak memory | memory / input |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        print(f"| {r.name} | {r.records:,} | {r.kept:,} | {r.seconds:.1f} | {r.cpu_seconds:.1f} | "
+              f"{r.records / r.seconds:,.0f} | {r.peak_rss / 2**20:,.0f} MiB | "
+              f"{r.peak_rss / r.input_bytes:.2f}× |")  # fmt: skip
+    if len(results) == 2:
+        ours, theirs = results
+        speedup = (ours.records / ours.seconds) / (theirs.records / theirs.seconds)
+        print(f"\nllmft data: {speedup:.1f}× the records/s of the datasets recipe")
     print("rejected by reason (llmft data):", json.dumps(report["rejected_by_reason"]))
 
 

@@ -112,23 +112,22 @@ def _array(values: pa.Array | list[str | None]) -> pa.Array:
     return builder.finish()
 
 
-def _chars(fields: dict[str, pa.Array], history: list[Any] | None) -> list[int]:
+def _chars(fields: dict[str, pa.Array], history: list[Any] | None) -> pa.Array:
     lengths = [pc.fill_null(pc.utf8_length(v), 0) for v in fields.values()]
-    chars = pc.add(pc.add(lengths[0], lengths[1]), pc.add(lengths[2], lengths[3])).to_pylist()
+    chars = pc.add(pc.add(lengths[0], lengths[1]), pc.add(lengths[2], lengths[3]))
     if history:
-        chars = [
-            n + sum(len(a) + len(b) for a, b in h or ())
-            for n, h in zip(chars, history, strict=True)
-        ]
+        turns = [sum(len(a) + len(b) for a, b in h or ()) for h in history]
+        chars = pc.add(chars, pa.array(turns, pa.int32()))
     return chars
 
 
-def _tokens(tokenizer: Any, columns: list[list], history: list[Any] | None) -> list[int]:
+def _tokens(tokenizer: Any, fields: dict[str, pa.Array], history: list[Any] | None) -> pa.Array:
     texts = []
-    for i, parts in enumerate(zip(*columns, strict=True)):
+    for i, parts in enumerate(zip(*(v.to_pylist() for v in fields.values()), strict=True)):
         turns = [t for pair in history[i] or () for t in pair] if history else []
         texts.append("\n".join([p for p in parts if p] + turns))
-    return [len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
+    return pa.array([len(e.ids) for e in encoded], pa.int64())
 
 
 @dataclass
@@ -142,9 +141,9 @@ class Prepared:
     blank: int
     lines: int  # JSON Lines: lines read up to the end of this batch
     rejected: list[dict[str, Any]]
-    positions: list[int]  # line or row of each surviving record
-    index: list[int]  # its index in the batch, for `original`
-    original: Callable[[int], Any]
+    positions: list[int]  # line or row of each record in the batch
+    index: list[int]  # batch index of each surviving record
+    original: Callable[[int], Any]  # batch index → the record as read
     blob: bytes  # the surviving records' canonical JSON, back to back
     ends: list[int]  # where each one ends in `blob`
     splits: bytes  # 0 train, 1 dev, 2 test
@@ -152,55 +151,57 @@ class Prepared:
 
 
 def prepare(batch: Batch, cfg: DataConfig, tokenizer: Any = None) -> Prepared:
-    """Clean one batch and reject what is empty or too long; assign splits."""
+    """Clean one batch, reject what is empty or too long, assign splits."""
     fields = {k: clean_text(_array(v), cfg) for k, v in batch.fields.items()}
     history = _clean_history(batch.history, cfg) if batch.history else None
     chars = _chars(fields, history)
-    columns = [v.to_pylist() for v in fields.values()]
-    tokens = _tokens(tokenizer, columns, history) if cfg.max_tokens else None
-    bounds = (int(cfg.split[0] * 2**64), int((cfg.split[0] + cfg.split[1]) * 2**64))
-    out = Prepared(
-        batch.file, batch.shape, batch.unit, len(batch.positions) + len(batch.rejected), batch.blank,
-        batch.lines, list(batch.rejected), [], [], batch.original, b"", [], b"", [],
-    )  # fmt: skip
-    blob, splits = bytearray(), bytearray()
-    for i, (instruction, input_, output, system) in enumerate(zip(*columns, strict=True)):
-        reason = detail = None
-        if not instruction:
-            reason, detail = "empty_prompt", "instruction is empty after cleaning"
-        elif not output:
-            reason, detail = "empty_response", "output is empty after cleaning"
-        elif chars[i] > cfg.max_chars:
-            reason, detail = (
-                "too_long",
-                f"{chars[i]:,} characters > data.max_chars={cfg.max_chars:,}",
-            )
-        elif tokens and tokens[i] > cfg.max_tokens:
-            reason, detail = (
-                "too_many_tokens",
-                f"{tokens[i]:,} tokens > data.max_tokens={cfg.max_tokens:,}",
-            )
-        if reason:
+    checks = [  # (reason, mask, why); the first that applies is the reason given
+        ("empty_prompt", pc.equal(pc.utf8_length(fields["instruction"]), 0), "instruction is empty"),
+        ("empty_response", pc.equal(pc.utf8_length(fields["output"]), 0), "output is empty"),
+        ("too_long", pc.greater(chars, cfg.max_chars), f"characters > data.max_chars={cfg.max_chars:,}"),
+    ]  # fmt: skip
+    counts = {"too_long": chars}  # shown in the detail of a rejection
+    if cfg.max_tokens:
+        counts["too_many_tokens"] = tokens = _tokens(tokenizer, fields, history)
+        why = f"tokens > data.max_tokens={cfg.max_tokens:,}"
+        checks.append(("too_many_tokens", pc.greater(tokens, cfg.max_tokens), why))
+    rejected = list(batch.rejected)
+    bad = pa.array([False] * len(batch.positions))
+    for reason, mask, why in checks:
+        for i in pc.indices_nonzero(pc.and_not(mask, bad)).to_pylist():
+            count = counts.get(reason)
+            detail = f"{count[i].as_py():,} {why}" if count else f"{why} after cleaning"
             where = {"file": batch.file, batch.unit: batch.positions[i]}
-            out.rejected.append(
+            rejected.append(
                 {"reason": reason, "detail": detail, **where, "record": batch.original(i)}
             )
-            continue
-        record = {"instruction": instruction, "input": input_, "output": output}
-        if system:
-            record["system"] = system
-        if history and history[i]:
-            record["history"] = history[i]
+        bad = pc.or_(bad, mask)
+    keep = pc.indices_nonzero(pc.invert(bad))
+    instruction, input_, output, system = (v.take(keep).to_pylist() for v in fields.values())
+    turns = [history[i] for i in keep.to_pylist()] if history else [None] * len(keep)
+    seed = cfg.seed
+    hashes = [
+        xxhash.xxh3_64_intdigest(f"{a}\0{b}".encode(), seed)
+        for a, b in zip(instruction, input_, strict=True)
+    ]
+    bounds = (int(cfg.split[0] * 2**64), int((cfg.split[0] + cfg.split[1]) * 2**64))
+    blob, ends, fingerprints = bytearray(), [], []
+    for a, b, c, system_, history_ in zip(instruction, input_, output, system, turns, strict=True):
+        record = {"instruction": a, "input": b, "output": c}
+        if system_:
+            record["system"] = system_
+        if history_:
+            record["history"] = history_
         text = orjson.dumps(record)
         blob += text  # joined at once: holding 32k orjson results would cost 4 KiB each
-        out.ends.append(len(blob))
-        out.fingerprints.append(xxhash.xxh3_128_intdigest(text))
-        h = xxhash.xxh3_64_intdigest(f"{instruction}\0{input_}".encode(), seed=cfg.seed)
-        splits.append(0 if h < bounds[0] else 1 if h < bounds[1] else 2)
-        out.positions.append(batch.positions[i])
-        out.index.append(i)
-    out.blob, out.splits = bytes(blob), bytes(splits)
-    return out
+        ends.append(len(blob))
+        fingerprints.append(xxhash.xxh3_128_intdigest(text))
+    return Prepared(
+        batch.file, batch.shape, batch.unit, len(batch.positions) + len(batch.rejected),
+        batch.blank, batch.lines, rejected, batch.positions, keep.to_pylist(), batch.original,
+        bytes(blob), ends, bytes(0 if h < bounds[0] else 1 if h < bounds[1] else 2 for h in hashes),
+        fingerprints,
+    )  # fmt: skip
 
 
 class Splitter:
@@ -249,7 +250,7 @@ class Splitter:
             elif split == 0 and cap and self.counts["train"] >= cap:
                 reason, detail = "over_max_samples", f"train already holds data.max_samples={cap}"
             if reason:
-                where = {"file": p.file, p.unit: p.positions[i]}
+                where = {"file": p.file, p.unit: p.positions[p.index[i]]}
                 record = p.original(p.index[i])
                 rejected.append({"reason": reason, "detail": detail, **where, "record": record})
                 continue

@@ -328,7 +328,7 @@ def read_jsonl(
                 batch.reject(*_why_not_json(line, exc), number, raw=_raw(line))
                 continue
             batch.add(number, record, cfg, offset - size)
-            if len(batch) >= BATCH_RECORDS:
+            if len(batch.rows) >= BATCH_RECORDS:
                 yield batch.finish(lines=number)
                 batch = _Collector(name, shape, "line")
         yield batch.finish(lines=number)
@@ -412,7 +412,7 @@ class _Collector:
                 "instruction": list(instruction),
                 "input": list(input_),
                 "output": list(output),
-                "system": list(system),
+                "system": list(system) if any(system) else pa.nulls(len(system), pa.string()),
             },
             history=list(history) if any(history) else None,
             original=records.__getitem__,
