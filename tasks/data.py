@@ -104,12 +104,7 @@ def _clean_history(history: list[Any], cfg: DataConfig) -> list[Any]:
 
 
 def _array(values: pa.Array | list[str | None]) -> pa.Array:
-    if isinstance(values, pa.Array):
-        return values
-    # pa.array() imports pandas on its first call (0.7 s on 2 cores); the builder does not
-    builder = pa.lib.StringBuilder()
-    builder.append_values(values)
-    return builder.finish()
+    return values if isinstance(values, pa.Array) else pa.array(values, pa.string())
 
 
 def _chars(fields: dict[str, pa.Array], history: list[Any] | None) -> pa.Array:

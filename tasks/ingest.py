@@ -386,9 +386,6 @@ class _Collector:
         self.rows: list[tuple] = []  # (position, offset, record, *canonical fields)
         self.rejected: list[dict[str, Any]] = []
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
     def reject(self, reason: str, detail: str, pos: int, **what: Any) -> None:
         self.rejected.append(_reject(reason, detail, self.name, self.unit, pos, **what))
 
@@ -464,13 +461,8 @@ def _read_table(
 
 
 def _table_batch(rb: pa.RecordBatch, shape: str, name: str, first: int, cfg: DataConfig) -> Batch:
-    """Alpaca and column tables stay columnar; chat tables go record by record."""
-    original = rb.slice
-    if shape in ("messages", "sharegpt") or (shape == "alpaca" and "history" in rb.schema.names):
-        batch = _Collector(name, shape, "row")
-        for i, record in enumerate(rb.to_pylist(), start=first):
-            batch.add(i, record, cfg)
-        return batch.finish()
+    """Tables of text columns stay columnar; chat, history or numbers go record by record
+    (where a number in a text column is rejected as wrong_type)."""
     names = {"instruction": "instruction", "input": "input", "output": "output", "system": "system"}
     if shape == "columns":
         names = {
@@ -479,41 +471,22 @@ def _table_batch(rb: pa.RecordBatch, shape: str, name: str, first: int, cfg: Dat
             "output": cfg.response_column,
             "system": cfg.system_column,
         }
-    fields: dict[str, pa.Array] = {}
-    bad = pa.array([False] * rb.num_rows)
-    for canonical_name, column in names.items():
-        if column is None or column not in rb.schema.names:
-            fields[canonical_name] = pa.nulls(rb.num_rows, pa.string())
-            continue
-        values = rb.column(column)
-        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-            fields[canonical_name] = values.cast(pa.string())
-        elif pa.types.is_null(values.type):
-            fields[canonical_name] = pa.nulls(rb.num_rows, pa.string())
-        else:  # numbers or lists where text belongs: every non-null row is wrong
-            bad = pc.or_(bad, pc.is_valid(values))
-            fields[canonical_name] = pa.nulls(rb.num_rows, pa.string())
-    for key in ("instruction", "input", "output"):
-        fields[key] = pc.fill_null(fields[key], "")
-    positions = list(range(first, first + rb.num_rows))
-    batch = Batch(
-        name, shape, "row", positions, fields, None, lambda i: original(i, 1).to_pylist()[0]
+    present = [rb.schema.field(c).type for c in names.values() if c in rb.schema.names]
+    text = all(
+        pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t) for t in present
     )
-    if pc.any(bad).as_py():
-        keep = pc.invert(bad)
-        for i in pc.indices_nonzero(bad).to_pylist():
-            batch.rejected.append(
-                _reject(
-                    "wrong_type",
-                    "a text column holds a non-text value",
-                    name,
-                    "row",
-                    positions[i],
-                    record=batch.original(i),
-                )
-            )
-        batch.fields = {k: v.filter(keep) for k, v in fields.items()}
-        kept_rows = pc.indices_nonzero(keep).to_pylist()
-        batch.positions = [positions[i] for i in kept_rows]
-        batch.original = lambda i: original(kept_rows[i], 1).to_pylist()[0]
-    return batch
+    if shape not in ("alpaca", "columns") or "history" in rb.schema.names or not text:
+        batch = _Collector(name, shape, "row")
+        for i, record in enumerate(rb.to_pylist(), start=first):
+            batch.add(i, record, cfg)
+        return batch.finish()
+    fields = {}
+    for key, column in names.items():
+        values = pa.nulls(rb.num_rows, pa.string())
+        if column in rb.schema.names:
+            values = rb.column(column).cast(pa.string())
+        fields[key] = values if key == "system" else pc.fill_null(values, "")
+    positions = list(range(first, first + rb.num_rows))
+    return Batch(
+        name, shape, "row", positions, fields, None, lambda i: rb.slice(i, 1).to_pylist()[0]
+    )
