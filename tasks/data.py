@@ -27,6 +27,7 @@ import argparse
 import multiprocessing
 import os
 import sys
+import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -285,8 +286,11 @@ def _parallel_jsonl(
     """(prepared batch, line number base) in file order, from `workers` processes."""
     shape = jsonl_shape(path, cfg)
     spans = jsonl_chunks(path, CHUNK_BYTES, cfg.max_line_bytes)
-    # fork: workers start in milliseconds with everything imported; spawn where there is none
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    # fork starts a worker in milliseconds with everything imported, but is only safe while
+    # this process has one thread (a Prefect flow has more): forkserver then, or spawn
+    methods = multiprocessing.get_all_start_methods()
+    safe = "forkserver" if "forkserver" in methods else "spawn"
+    method = "fork" if "fork" in methods and threading.active_count() == 1 else safe
     base = 0
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
         pending: deque = deque()
@@ -302,7 +306,8 @@ def _parallel_jsonl(
 
 
 def _prepared(path: Path, name: str, cfg: DataConfig, tokenizer: Any, tok: Path | None):
-    workers = cfg.workers or len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = cfg.workers or cores or 1
     big = is_jsonl(path) and path.stat().st_size >= 2 * CHUNK_BYTES
     if workers > 1 and big:
         yield from _parallel_jsonl(path, name, cfg, workers, tok)

@@ -144,10 +144,10 @@ def _columns_hint(path: Path, keys: list[str], cfg: DataConfig) -> str:
     rest = [k for k in keys if k != prompt]
     response = next((k for k in RESPONSE_NAMES if k in rest), rest[0] if rest else "RESPONSE")
     return (
-        f"{path}: no prompt/response columns: expected {cfg.prompt_column!r} and "
-        f"{cfg.response_column!r} (or instruction/output, messages, conversations), "
-        f"found columns {keys}; fix: --set data.prompt_column={prompt} "
-        f"data.response_column={response}"
+        f"{path}: no prompt/response columns: found {keys}; expected instruction and "
+        f"output (alpaca), messages, conversations, or data.prompt_column="
+        f"{cfg.prompt_column!r} and data.response_column={cfg.response_column!r}; "
+        f"fix: --set data.prompt_column={prompt} data.response_column={response}"
     )
 
 
@@ -430,11 +430,13 @@ def _csv_batches(path: Path) -> Iterator[pa.RecordBatch]:
         reader = pv.open_csv(
             path,
             read_options=pv.ReadOptions(block_size=8 << 20),
+            parse_options=pv.ParseOptions(newlines_in_values=True),  # quoted multi-line answers
             convert_options=pv.ConvertOptions(column_types={n: pa.string() for n in names}),
         )
         yield from reader
     except pa.ArrowInvalid as exc:
-        raise DataError(f"{path}: not a readable CSV file: {exc}") from None
+        hint = " (fix: save the file as UTF-8)" if "UTF8" in str(exc) else ""
+        raise DataError(f"{path}: not a readable CSV file: {exc}{hint}") from None
 
 
 def _parquet_batches(path: Path) -> Iterator[pa.RecordBatch]:

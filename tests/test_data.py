@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -391,7 +392,8 @@ def test_identical_prompts_never_straddle_splits(tmp_path):
 # --- parallel workers, the store ----------------------------------------------------------
 
 
-def test_worker_processes_give_the_same_output(tmp_path, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2], ids=["fork", "forkserver"])
+def test_worker_processes_give_the_same_output(tmp_path, monkeypatch, threads):
     lines = (ASSETS / "alpaca_dirty.jsonl").read_bytes().split(b"\n")
     rows = [json.dumps(r).encode() for r in _qa(3000)]
     body = b"\n".join(rows[:1500] + lines + rows[1500:] + lines[:3])  # dirt, duplicates
@@ -403,7 +405,14 @@ def test_worker_processes_give_the_same_output(tmp_path, monkeypatch):
     calls = []
     parallel = data._parallel_jsonl
     monkeypatch.setattr(data, "_parallel_jsonl", lambda *a: calls.append(a) or parallel(*a))
-    clean_dataset(source, tmp_path / "two", cfg("data.workers=2"))
+    stop = threading.Event()
+    extra = [threading.Thread(target=stop.wait) for _ in range(threads - 1)]  # as in a flow
+    for t in extra:
+        t.start()
+    try:
+        clean_dataset(source, tmp_path / "two", cfg("data.workers=2"))
+    finally:
+        stop.set()
     assert len(calls) == 1  # the second run really went through worker processes
     for name in ("train.json", "dev.json", "test.json", "rejected.jsonl", "report.json"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
