@@ -1,0 +1,324 @@
+"""Evaluate stage: the base and the tuned model side by side on the same records.
+
+    artifacts/evaluate/<key>/metrics.json       {"base": {...}, "tuned": {...}}: dev/test loss,
+                                                perplexity, BLEU-4, ROUGE-1/2/L, exact match
+    artifacts/evaluate/<key>/predictions.jsonl  prompt, reference, base answer, tuned answer
+    artifacts/evaluate/<key>/table.md           the metrics as a markdown table
+
+Loss is teacher-forced on the answer tokens only (the prompt is masked, as in training),
+averaged over tokens; perplexity = exp(loss). Answers are generated greedily in batches
+with left padding for the first `evaluate.num_samples` test records. BLEU-4 (sacrebleu)
+and ROUGE (rouge-score) run on our own segmentation: Chinese, Japanese and Korean runs
+are cut into jieba words or characters, other text into words and punctuation, because
+both libraries' default tokenizers drop or glue CJK text. Scores are 0-100.
+
+Adapters (LoRA, QLoRA, P-Tuning v2) are applied with peft on the full-precision base; the
+base scores come from the same model with the adapter disabled. Runs on CPU or CUDA.
+
+Run alone: `python -m tasks.evaluate [--config FILE] [--set ...]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks.config import Config, load_config
+from tasks.formatting import answer_suffix, prompt_text, user_text
+from tasks.store import Ref, Store, make_key, write_json_atomic
+
+VERSION = "1"
+CJK_RUN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]+")
+WORD_OR_MARK = re.compile(r"[^\W_]+|[^\w\s]|_")
+log = logging.getLogger("llmft.evaluate")
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+def segment(text: str, zh: str = "jieba") -> list[str]:
+    """Tokens for BLEU/ROUGE: jieba words (or characters) for CJK runs, words elsewhere."""
+    tokens: list[str] = []
+    pos = 0
+    for m in CJK_RUN.finditer(text):
+        tokens += WORD_OR_MARK.findall(text[pos : m.start()])
+        tokens += _cut_cjk(m.group(), zh)
+        pos = m.end()
+    return tokens + WORD_OR_MARK.findall(text[pos:])
+
+
+def _cut_cjk(run: str, zh: str) -> list[str]:
+    if zh == "char":
+        return list(run)
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)
+    return [w for w in jieba.lcut(run) if w.strip()]
+
+
+class _Tokenizer:
+    """rouge-score's tokenizer interface; its default keeps only [a-z0-9] and loses Chinese."""
+
+    def __init__(self, zh: str) -> None:
+        self.zh = zh
+
+    def tokenize(self, text: str) -> list[str]:
+        return [t.lower() for t in segment(text, self.zh)]
+
+
+def text_metrics(predictions: list[str], references: list[str], zh: str = "jieba") -> dict:
+    """Corpus BLEU-4, mean ROUGE-1/2/L F1 and exact match (%), all 0-100."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if not predictions:
+        return {"bleu4": None, "rouge1": None, "rouge2": None, "rougeL": None, "exact_match": None}
+    hyps = [" ".join(segment(p, zh)) for p in predictions]
+    refs = [" ".join(segment(r, zh)) for r in references]
+    bleu = sacrebleu.corpus_bleu(hyps, [refs], tokenize="none").score
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=_Tokenizer(zh))
+    rouge = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for p, r in zip(predictions, references, strict=True):
+        for name, score in scorer.score(r, p).items():
+            rouge[name] += score.fmeasure
+    exact = sum(_norm(p) == _norm(r) for p, r in zip(predictions, references, strict=True))
+    n = len(predictions)
+    return {
+        "bleu4": round(bleu, 2),
+        **{k: round(100 * v / n, 2) for k, v in rouge.items()},
+        "exact_match": round(100 * exact / n, 2),
+    }
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+# --- models -------------------------------------------------------------------------------
+
+
+def answer_loss(model: Any, tokenizer: Any, records: list[dict], template: str, batch: int):
+    """Token-weighted mean cross-entropy of the answers given their prompts."""
+    import torch
+
+    device = next(model.parameters()).device
+    suffix = answer_suffix(tokenizer, template)
+    total, count = 0.0, 0
+    for i in range(0, len(records), batch):
+        rows = []
+        for r in records[i : i + batch]:
+            prompt = tokenizer(prompt_text(tokenizer, r, template), add_special_tokens=False)
+            answer = tokenizer((r.get("output") or "") + suffix, add_special_tokens=False)
+            rows.append((prompt["input_ids"], answer["input_ids"]))
+        width = max(len(p) + len(a) for p, a in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        mask = torch.zeros_like(ids)
+        for j, (p, a) in enumerate(rows):  # right padding: positions stay 0..n-1
+            ids[j, : len(p) + len(a)] = torch.tensor(p + a)
+            labels[j, len(p) : len(p) + len(a)] = torch.tensor(a)
+            mask[j, : len(p) + len(a)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        shifted = labels[:, 1:].to(device)
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), shifted.reshape(-1), reduction="sum"
+        )
+        total += nll.item()
+        count += int((shifted != -100).sum())
+    return total / max(count, 1)
+
+
+def generate(model: Any, tokenizer: Any, prompts: list[str], max_new: int, batch: int):
+    """Greedy answers, batched with left padding so every row ends where generation starts."""
+
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    stop = [tokenizer.eos_token_id]
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
+        stop.append(end_of_turn)
+    answers = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        out = model.generate(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=stop,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new = out[:, enc["input_ids"].shape[1] :]
+        answers += [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return answers
+
+
+def load_models(cfg: Config, base: Ref, train: Ref) -> tuple[Any, Any, Any]:
+    """(tuned model, a context manager that turns it into the base (or None), tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = cfg.evaluate.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else None
+    dtype = dtype or torch.float32
+    trust = cfg.base.trust_remote_code
+    load = lambda path: AutoModelForCausalLM.from_pretrained(  # noqa: E731
+        path, dtype=dtype, trust_remote_code=trust
+    ).to(device)
+    if (train.dir / "model").is_dir():  # full fine-tuning: two separate models
+        tuned = load(train.dir / "model").eval()
+        base_model = load(base.dir / "model").eval() if cfg.evaluate.compare_base else None
+        tokenizer = AutoTokenizer.from_pretrained(train.dir / "model")
+        as_base = (lambda: _Swap(base_model)) if base_model is not None else None
+        return tuned, as_base, tokenizer
+    from peft import PeftModel
+
+    adapter = train.dir / "adapter"
+    tuned = PeftModel.from_pretrained(load(base.dir / "model"), adapter).eval()
+    has_tokenizer = (adapter / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else base.dir / "model")
+    return tuned, (tuned.disable_adapter if cfg.evaluate.compare_base else None), tokenizer
+
+
+class _Swap:
+    """For full fine-tuning: a context that yields the separately loaded base model."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __enter__(self) -> Any:
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def score_model(model, tokenizer, cfg: Config, dev, test, prompts, references) -> dict:
+    import torch
+
+    ev, template = cfg.evaluate, cfg.train.template
+    with torch.inference_mode():
+        dev_loss = answer_loss(model, tokenizer, dev, template, ev.batch_size) if dev else None
+        test_loss = answer_loss(model, tokenizer, test, template, ev.batch_size) if test else None
+        started = time.perf_counter()
+        answers = generate(model, tokenizer, prompts, ev.max_new_tokens, ev.batch_size)
+    metrics = {
+        "dev_loss": _round(dev_loss),
+        "dev_ppl": _round(math.exp(dev_loss) if dev_loss is not None else None),
+        "test_loss": _round(test_loss),
+        "test_ppl": _round(math.exp(test_loss) if test_loss is not None else None),
+        **text_metrics(answers, references, ev.zh_segmentation),
+        "generation_seconds": round(time.perf_counter() - started, 2),
+    }
+    return {"metrics": metrics, "answers": answers}
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def table_md(base: dict | None, tuned: dict, samples: int) -> str:
+    rows = [
+        ("dev loss", "dev_loss"),
+        ("dev perplexity", "dev_ppl"),
+        ("test loss", "test_loss"),
+        ("test perplexity", "test_ppl"),
+        (f"BLEU-4 ({samples} test answers)", "bleu4"),
+        ("ROUGE-1 F1", "rouge1"),
+        ("ROUGE-2 F1", "rouge2"),
+        ("ROUGE-L F1", "rougeL"),
+        ("exact match %", "exact_match"),
+    ]
+    fmt = lambda v: "–" if v is None else f"{v:g}"  # noqa: E731
+    lines = ["| metric | base | tuned | Δ |", "| --- | ---: | ---: | ---: |"]
+    for label, k in rows:
+        b, t = (base or {}).get(k), tuned.get(k)
+        delta = f"{t - b:+.4g}" if b is not None and t is not None else "–"
+        lines.append(f"| {label} | {fmt(b)} | {fmt(t)} | {delta} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- the stage ----------------------------------------------------------------------------
+
+
+def key(cfg: Config, data: Ref, base: Ref, train: Ref) -> str:
+    section = cfg.evaluate.model_dump(mode="json")
+    section.pop("device")  # where it ran changes the last digits, not what was measured
+    section["template"] = cfg.train.template
+    inputs = {"data": data.key, "base": base.key, "train": train.key}
+    return make_key("evaluate", VERSION, section, inputs)
+
+
+def run(cfg: Config, store: Store, data: Ref, base: Ref, train: Ref) -> Ref:
+    ev = cfg.evaluate
+
+    def work(tmp: Path) -> dict:
+        dev = json.loads((data.dir / "dev.json").read_text())[: ev.max_loss_records]
+        test = json.loads((data.dir / "test.json").read_text())
+        samples = test[: ev.num_samples]
+        test = test[: ev.max_loss_records]
+        tuned, as_base, tokenizer = load_models(cfg, base, train)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        prompts = [prompt_text(tokenizer, r, cfg.train.template) for r in samples]
+        refs = [r.get("output") or "" for r in samples]
+        result = {"tuned": score_model(tuned, tokenizer, cfg, dev, test, prompts, refs)}
+        if as_base is not None:
+            with as_base() as maybe_model:
+                model = maybe_model if maybe_model is not None else tuned
+                result["base"] = score_model(model, tokenizer, cfg, dev, test, prompts, refs)
+        base_metrics = result["base"]["metrics"] if "base" in result else None
+        metrics = {
+            "base": base_metrics,
+            "tuned": result["tuned"]["metrics"],
+            "samples": len(samples),
+            "dev_records": len(dev),
+            "test_records": len(test),
+        }
+        write_json_atomic(tmp / "metrics.json", metrics)
+        with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
+            for i, record in enumerate(samples):
+                row = {
+                    "prompt": user_text(record),
+                    "reference": refs[i],
+                    "base": result["base"]["answers"][i] if "base" in result else None,
+                    "tuned": result["tuned"]["answers"][i],
+                }
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        (tmp / "table.md").write_text(table_md(base_metrics, metrics["tuned"], len(samples)))
+        return {"tuned": metrics["tuned"], "base": base_metrics}
+
+    inputs = {"data": data.key, "base": base.key, "train": train.key}
+    k = key(cfg, data, base, train)
+    return store.build("evaluate", k, work, inputs=inputs, config=ev.model_dump(mode="json"))
+
+
+def main() -> None:
+    from tasks import base as base_stage
+    from tasks import data as data_stage
+    from tasks import train as train_stage
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config")
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = load_config(args.config, args.set)
+    store = Store(cfg.pipeline.store)
+    data, base = data_stage.run(cfg, store), base_stage.run(cfg, store)
+    ref = run(cfg, store, data, base, train_stage.run(cfg, store, data, base))
+    print((Path(ref.path) / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

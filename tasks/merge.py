@@ -1,0 +1,114 @@
+"""Merge stage: a LoRA/QLoRA adapter folded into the full-precision base → one HF folder.
+
+    artifacts/merge/<key>/model/        safetensors, tokenizer + chat template, generation config
+    artifacts/merge/<key>/hyperparameters.yaml   copied from the training run
+
+QLoRA trains against 4-bit base weights, but the adapter is merged into the base loaded
+in full precision from the base stage: merging into 4-bit weights would round the update
+away (and bitsandbytes cannot save it). The folder loads with `AutoModelForCausalLM`
+alone, no peft. Full fine-tuning already produced full weights, so the training artifact
+is returned as is; P-Tuning v2 has nothing to merge (its prefix lives in the KV cache) and
+returns None. A second run finds the key in the store and does nothing.
+
+Run alone: `python -m tasks.merge [--config FILE] [--set ...]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+
+import yaml
+
+from tasks.config import Config, UserError, load_config
+from tasks.store import Ref, Store, make_key
+
+VERSION = "1"
+log = logging.getLogger("llmft.merge")
+
+
+class MergeError(UserError):
+    """The training artifact has nothing that can be merged."""
+
+
+def train_method(cfg: Config, train: Ref) -> str:
+    """The method the artifact was trained with (its hyperparameters.yaml), else the config's."""
+    hp = train.dir / "hyperparameters.yaml"
+    if hp.is_file():
+        return (yaml.safe_load(hp.read_text()) or {}).get("method", cfg.train.method)
+    return cfg.train.method
+
+
+def key(cfg: Config, base: Ref, train: Ref) -> str:
+    return make_key("merge", VERSION, {}, {"base": base.key, "train": train.key})
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, out: Path) -> None:
+    """base (fp32) + LoRA → merged weights, saved in the base's own dtype as safetensors."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(base_dir)
+    saved_dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(saved_dtype, str):
+        saved_dtype = getattr(torch, saved_dtype)
+    # fp32 for the arithmetic W + (alpha/r)·B·A; bf16 adds would round small updates away.
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    model = model.to(saved_dtype)
+    model.save_pretrained(out, safe_serialization=True)
+    has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir if has_tokenizer else base_dir)
+    tokenizer.save_pretrained(out)
+
+
+def run(cfg: Config, store: Store, base: Ref, train: Ref) -> Ref | None:
+    method = train_method(cfg, train)
+    if method == "ptuning":
+        log.info("merge skipped: a P-Tuning v2 prefix cannot be folded into the weights")
+        return None
+    if (train.dir / "model").is_dir():
+        log.info("merge skipped: %s training already wrote full weights in %s", method, train.path)
+        return train
+    adapter = train.dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise MergeError(f"{train.path}: neither adapter/adapter_config.json nor model/ found")
+    base_dir = base.dir / "model"
+
+    def work(tmp: Path) -> dict:
+        merge_adapter(base_dir, adapter, tmp / "model")
+        if (train.dir / "hyperparameters.yaml").is_file():
+            shutil.copy(train.dir / "hyperparameters.yaml", tmp / "hyperparameters.yaml")
+        # Export converts the base beside the adapter for unmerged llama.cpp serving.
+        return {"method": method, "base_model_dir": str(base_dir), "adapter_dir": str(adapter)}
+
+    inputs = {"base": base.key, "train": train.key}
+    return store.build("merge", key(cfg, base, train), work, inputs=inputs, config={})
+
+
+def model_dir(ref: Ref) -> Path:
+    return ref.dir / "model"
+
+
+def main() -> None:
+    from tasks import base as base_stage
+    from tasks import data as data_stage
+    from tasks import train as train_stage
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config")
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = load_config(args.config, args.set)
+    store = Store(cfg.pipeline.store)
+    data, base = data_stage.run(cfg, store), base_stage.run(cfg, store)
+    ref = run(cfg, store, base, train_stage.run(cfg, store, data, base))
+    print(model_dir(ref) if ref else "nothing to merge (ptuning)")
+
+
+if __name__ == "__main__":
+    main()
