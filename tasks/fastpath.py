@@ -17,11 +17,12 @@ The levers, and the switch behind each (`train.*` in the config):
 | torch.compile of each decoder layer                           | `compile` (off)             |
 | gradient checkpointing                                        | `gradient_checkpointing`, or on by itself when the estimate says the batch won't fit |
 
-The training loop calls `prepare(model, cfg)` once, then per micro-batch `loss_sum(model,
-batch)` on batches from `tasks.packing.step_batches`, and builds its optimizer with
-`adamw(...)`. Everything here falls back to plain PyTorch/transformers behaviour where a
-lever does not apply (CPU, prefix tuning, quantized bases without a dequantizer, models
-whose head is not a plain linear layer), so the slow path stays the reference.
+The training loop (tasks/loop.py) calls `prepare(model, cfg, device)` once; when the plan
+says `batches`, it forms each step's micro-batches with `micro_batches` (their number may
+differ from grad_accum: the loop tells accelerate) and takes each micro-batch's summed loss
+from `loss_sum`, which always runs the top-level module's forward (DDP hooks, compile and
+peft see a normal call). On a CPU, for prefix tuning, and under DeepSpeed where a lever
+would read partitioned weights, the plan turns that lever off and the loop's own path runs.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ class Plan:
     """Which levers are on for this run; written to the metrics so a run says how it ran."""
 
     device: str
+    batches: bool  # micro-batches come from `micro_batches`, losses from `loss_sum`
     packing: bool
+    rows: int | None  # micro-batches per step fixed (DeepSpeed), else None: token budget
     attention: str  # llmft_varlen (flash varlen) | sdpa (block-diagonal mask) | unchanged
     fused_lora: bool
     fused_loss: str  # liger | chunked | off
@@ -65,27 +68,36 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None and torch.cuda.is_available()
 
 
-def make_plan(train_cfg: Any, device: torch.device | str, model: Any = None) -> Plan:
+def make_plan(
+    train_cfg: Any, device: torch.device | str, model: Any = None, deepspeed: bool = False
+) -> Plan:
     """Decide the levers from the config (`TrainConfig`), the device and the model."""
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     method = train_cfg.method
-    packing = bool(train_cfg.packing) and method != "ptuning"  # prefixes need the padded path
+    batches = cuda and method != "ptuning"  # prefixes need the loop's padded path
+    packing = batches and bool(train_cfg.packing)
     want_liger = train_cfg.liger is True or (train_cfg.liger == "auto" and cuda)
     liger = want_liger and liger_available() and _liger_supports(model)
     if train_cfg.liger is True and not liger:
         log.warning("train.liger=true but liger-kernel is not usable here; running without it")
     plain_head = model is None or _plain_head(model)
+    # ZeRO-3 gathers a module's weights only around that module's own forward; the fused
+    # LoRA and the fused loss read weights outside it, so under DeepSpeed both stay off
+    fused = batches and not deepspeed
+    attention = "unchanged"
+    if packing:
+        attention = ATTN_NAME if _flash_varlen_ok() else "sdpa"
     return Plan(
         device=dev.type,
+        batches=batches,
         packing=packing,
-        attention=(ATTN_NAME if cuda and _flash_varlen_ok() else "sdpa")
-        if packing
-        else "unchanged",
-        fused_lora=cuda and method in ("lora", "qlora") and train_cfg.lora.dropout == 0.0,
-        fused_loss=("liger" if liger else "chunked") if cuda and plain_head else "off",
+        rows=train_cfg.grad_accum if deepspeed else None,
+        attention=attention,
+        fused_lora=fused and method in ("lora", "qlora") and train_cfg.lora.dropout == 0.0,
+        fused_loss=("liger" if liger else "chunked") if fused and plain_head else "off",
         liger=liger,
-        fused_adamw=cuda,
+        fused_adamw=cuda and not deepspeed,
         compile=bool(train_cfg.compile),
         gradient_checkpointing=bool(train_cfg.gradient_checkpointing),
         token_budget=train_cfg.batch_size * train_cfg.cutoff_len,
@@ -336,7 +348,31 @@ def linear_cross_entropy_sum(
 
 
 def _unwrap(model: Any) -> Any:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    """The transformers model inside DDP, torch.compile and peft wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "get_base_model"):  # peft
+            model = model.get_base_model()
+        else:
+            return model
+
+
+class _HeadBypass:
+    """While active, the LM head returns its input, so the model's `logits` are the final
+    hidden states and the loss applies the head itself, at labelled positions only. Only
+    the module's forward is shadowed: its weights and state dict stay as they are."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        self.head = head
+
+    def __enter__(self) -> None:
+        self.head.forward = types.MethodType(lambda _self, x: x, self.head)
+
+    def __exit__(self, *exc: object) -> None:
+        del self.head.forward
 
 
 def _plain_head(model: Any) -> bool:
@@ -351,27 +387,47 @@ def _plain_head(model: Any) -> bool:
 def loss_sum(model: Any, batch: dict[str, Any], plan: Plan) -> torch.Tensor:
     """Summed token cross-entropy of one micro-batch (divide by the step's target count).
 
-    Fused path: run the decoder, gather the hidden states at labelled positions only
-    (prompt tokens never reach the 128k-wide head), and take the loss fused with the head.
-    Otherwise: the model's own forward with its own loss, on the same shifted labels.
+    Fused: the model's own forward with the head bypassed; the hidden states at labelled
+    positions only (prompt tokens never reach the 128k-wide head) then go through the loss
+    fused with the head. Otherwise: full logits and plain cross-entropy. Both read the
+    same per-record shifted labels.
     """
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     if "cu_seq_lens_q" in batch and plan.attention == ATTN_NAME:
         for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
             inputs[k] = batch[k]
-    if plan.fused_loss != "off":
-        base = _unwrap(model)
-        hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
-        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["target_index"])
-        weight = base.get_output_embeddings().weight
-        dtype = _compute_dtype(h)
-        return linear_cross_entropy_sum(
-            h.to(dtype), weight.to(dtype), batch["targets"], plan.fused_loss
-        )
-    out = model(**inputs, use_cache=False)
-    logits = out.logits.float().reshape(-1, out.logits.shape[-1])
-    labels = batch["shift_labels"].reshape(-1)
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+    if plan.fused_loss == "off":
+        logits = model(**inputs, use_cache=False).logits
+        logits = logits.float().reshape(-1, logits.shape[-1])
+        labels = batch["shift_labels"].reshape(-1)
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+    head = _unwrap(model).get_output_embeddings()
+    with _HeadBypass(head):
+        hidden = model(**inputs, use_cache=False).logits
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["target_index"])
+    dtype = _compute_dtype(h)
+    return linear_cross_entropy_sum(
+        h.to(dtype), head.weight.to(dtype), batch["targets"], plan.fused_loss
+    )
+
+
+def micro_batches(
+    records: list[dict[str, Any]], plan: Plan, batch_size: int, pad_id: int, device: Any
+) -> list[dict[str, Any]]:
+    """One optimizer step's records → its micro-batches, on the device.
+
+    Packed: balanced padding-free rows within the token budget (exactly `plan.rows` rows
+    under DeepSpeed). Not packed: the usual rows of batch_size records, right-padded.
+    """
+    from tasks import packing
+
+    mbs = packing.step_batches(
+        records, plan.token_budget, plan.packing, pad_id, batch_size=batch_size, rows=plan.rows
+    )
+    return [
+        {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
+        for mb in mbs
+    ]
 
 
 # --------------------------------------------------------------------------- setup
@@ -415,42 +471,44 @@ def activation_bytes(config: Any, tokens: int) -> int:
 
 
 def needs_checkpointing(model: Any, tokens: int, device: torch.device) -> bool:
-    """True when the weights, gradients, optimizer states already on the device plus this
-    micro-batch's activations would exceed 90% of the GPU's memory."""
+    """True when weights, gradients and AdamW states plus one micro-batch's activations
+    would exceed 90% of the GPU's memory."""
     if device.type != "cuda":
         return False
-    free, total = torch.cuda.mem_get_info(device)
+    total = torch.cuda.get_device_properties(device).total_memory
     base = _unwrap(model)
+    weights = sum(p.numel() * p.element_size() for p in base.parameters())
     trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
-    states = trainable * 12  # fp32 grad + two AdamW moments, allocated at the first step
-    need = activation_bytes(base.config, tokens) + states
-    return need > 0.9 * free
+    states = trainable * 12  # fp32 gradient + two AdamW moments
+    return weights + states + activation_bytes(base.config, tokens) > 0.9 * total
 
 
-def prepare(model: Any, train_cfg: Any, device: torch.device | str) -> Plan:
-    """Apply the levers to an already built (and peft-wrapped) model; returns the plan."""
+def prepare(
+    model: Any, train_cfg: Any, device: torch.device | str, deepspeed: bool = False
+) -> Plan:
+    """Apply the levers to a freshly built (peft-wrapped) model; returns the plan.
+
+    Call before accelerate wraps the model. torch.compile stays with the loop
+    (`train.compile`). Checkpointing is turned on here only when the config left it off
+    and the micro-batch would not fit without it.
+    """
     device = torch.device(device)
-    plan = make_plan(train_cfg, device, model)
+    plan = make_plan(train_cfg, device, model, deepspeed)
     if plan.liger:
         apply_liger(model)
     if plan.attention == ATTN_NAME:
         set_attention(model, ATTN_NAME)
     if plan.fused_lora:
-        fused = fuse_lora(model)
-        plan.fused_lora = fused > 0
+        plan.fused_lora = fuse_lora(model) > 0
     if not plan.gradient_checkpointing and needs_checkpointing(model, plan.token_budget, device):
         plan.gradient_checkpointing = True
         log.warning(
             "micro-batches of %d tokens won't fit without gradient checkpointing: on",
             plan.token_budget,
         )
-    if plan.gradient_checkpointing:
         _unwrap(model).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
-    if plan.compile:
-        for layer in _unwrap(model).get_decoder().layers:
-            layer.compile(dynamic=True)
     log.info("fast path: %s", plan.describe())
     return plan
 

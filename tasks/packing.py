@@ -27,20 +27,23 @@ import torch
 IGNORE = -100
 
 
-def plan_microbatches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+def plan_microbatches(
+    lengths: Sequence[int], token_budget: int, rows: int | None = None
+) -> list[list[int]]:
     """Group record indices into as few micro-batches of ≤ token_budget tokens as the
     greedy longest-first fill allows, with the load balanced between them.
 
     Balanced rather than first-fit: 16.5k tokens with an 8k budget gives three rows of
     ~5.5k, not 8k + 8k + 0.5k (a tiny last row runs at a fraction of the GPU's rate).
-    A record longer than the budget gets a row of its own.
+    A record longer than the budget gets a row of its own. `rows` fixes the number of
+    micro-batches instead (DeepSpeed counts them itself), still balanced.
     """
     if token_budget <= 0:
         raise ValueError(f"token_budget must be positive, got {token_budget}")
     if not lengths:
         return []
     total = sum(lengths)
-    n_bins = max(1, -(-total // token_budget))
+    n_bins = rows or max(1, -(-total // token_budget))
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     while True:
         bins: list[list[int]] = [[] for _ in range(n_bins)]
@@ -48,7 +51,7 @@ def plan_microbatches(lengths: Sequence[int], token_budget: int) -> list[list[in
         overflow = False
         for i in order:
             b = min(range(n_bins), key=loads.__getitem__)
-            if loads[b] + lengths[i] > token_budget and loads[b] > 0:
+            if loads[b] + lengths[i] > token_budget and loads[b] > 0 and not rows:
                 overflow = True
                 break
             bins[b].append(i)
@@ -124,19 +127,24 @@ def pad(records: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
 
 
 def step_batches(
-    records: Sequence[dict[str, Any]], token_budget: int, packing: bool, pad_id: int = 0
+    records: Sequence[dict[str, Any]],
+    token_budget: int,
+    packing: bool,
+    pad_id: int = 0,
+    batch_size: int | None = None,
+    rows: int | None = None,
 ) -> list[dict[str, Any]]:
     """One optimizer step's records → its micro-batches.
 
-    packing: balanced padding-free rows of ≤ token_budget tokens. Otherwise: rows of
-    token_budget // longest-record records each, padded (the usual layout, for models or
-    methods the packed path does not cover).
+    packing: balanced padding-free rows of ≤ token_budget tokens (or exactly `rows` of
+    them). Otherwise the usual layout: consecutive groups of batch_size records (default:
+    as many of the longest record as fit the budget), right-padded.
     """
     if not records:
         return []
     lengths = [len(r["input_ids"]) for r in records]
     if packing:
-        groups = plan_microbatches(lengths, token_budget)
+        groups = plan_microbatches(lengths, token_budget, rows)
         return [pack([records[i] for i in g]) for g in groups]
-    per_row = max(1, token_budget // max(lengths))
+    per_row = batch_size or max(1, token_budget // max(lengths))
     return [pad(records[i : i + per_row], pad_id) for i in range(0, len(records), per_row)]

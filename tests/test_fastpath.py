@@ -110,7 +110,9 @@ def test_chunked_linear_cross_entropy_matches_plain_logits():
 def _plan(fused_loss: str, attention: str = "sdpa") -> fastpath.Plan:
     return fastpath.Plan(
         device="cpu",
+        batches=True,
         packing=True,
+        rows=None,
         attention=attention,
         fused_lora=False,
         fused_loss=fused_loss,
@@ -136,6 +138,8 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(fused_loss):
         grads.append(model.model.layers[0].mlp.down_proj.weight.grad.clone())
     torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+    # the head is bypassed only inside loss_sum: the model still returns logits after it
+    assert model(input_ids=torch.tensor([[5, 6]])).logits.shape[-1] == model.config.vocab_size
 
 
 def test_fused_lora_linear_matches_peft():

@@ -96,7 +96,9 @@ def test_packed_and_padded_training_give_the_same_losses():
     padded_model = lora_model()
     padded_plan = fastpath.Plan(
         device="cuda",
+        batches=True,
         packing=False,
+        rows=None,
         attention="unchanged",
         fused_lora=False,
         fused_loss="off",
