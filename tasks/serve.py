@@ -16,8 +16,6 @@ the GGUF that `artifacts/deployed/NAME/current.json` points at and reloads when 
 promotion rewrites that file (its mtime is checked on every request).
 """
 
-from __future__ import annotations
-
 import asyncio
 import json
 import logging

@@ -15,7 +15,7 @@ from tasks.store import write_json_atomic
 
 KEY = "test-key"
 EOS = 2  # <|im_end|> in SmolLM2's vocabulary
-LIMITS = dict(n_ctx=512, max_prompt_tokens=200, max_tokens=300, max_concurrent=1, max_queue=0)
+LIMITS = dict(n_ctx=512, max_prompt_tokens=200, max_tokens=400, max_concurrent=1, max_queue=0)
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +81,13 @@ def test_wrong_or_missing_key_is_401(server):
 
 def test_caps_answer_400_with_a_clear_message(client):
     hello = [{"role": "user", "content": "hello"}]
-    with pytest.raises(openai.BadRequestError, match="max_tokens=301 exceeds .* limit of 300"):
-        client.chat.completions.create(model="any", messages=hello, max_tokens=301)
+    with pytest.raises(openai.BadRequestError, match="max_tokens=401 exceeds .* limit of 400"):
+        client.chat.completions.create(model="any", messages=hello, max_tokens=401)
     long = [{"role": "user", "content": "word " * 400}]
     with pytest.raises(openai.BadRequestError, match=r"prompt has \d+ tokens; the limit is 200"):
         client.chat.completions.create(model="any", messages=long, max_tokens=10)
     with pytest.raises(openai.BadRequestError, match="context of 512"):
-        client.completions.create(model="any", prompt="word " * 150, max_tokens=300)
+        client.completions.create(model="any", prompt="word " * 150, max_tokens=400)
     with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model="any", messages=[])
 
