@@ -18,7 +18,8 @@ dev answers, greedy next-token agreement with HF, file size and CPU tokens/s. Th
 file is the smallest within `export.ppl_tolerance` of HF's perplexity (else f16, saying
 why); a GGUF that does not load, or one past `export.max_ppl_ratio`, fails the stage.
 
-Run alone: `python -m tasks.export --fetch-converter`, or `--quantize SRC DST TYPE`.
+Run alone: `python -m tasks.export [--config FILE] [--set ...]` (the stage and its inputs),
+`python -m tasks.export --fetch-converter` (what `make setup` runs), `--quantize SRC DST TYPE`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from tasks.config import REPO_ROOT, Config, UserError
+from tasks.config import REPO_ROOT, Config, UserError, load_config
 from tasks.formatting import answer_suffix, prompt_text
 from tasks.store import Ref, Store, make_key, write_json_atomic
 
@@ -403,17 +404,30 @@ def served_gguf(ref: Ref) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--fetch-converter", action="store_true", help="fetch llama.cpp's converter once"
+        "--fetch-converter", action="store_true", help="fetch llama.cpp's converter and exit"
     )
     parser.add_argument("--quantize", nargs=3, metavar=("SRC", "DST", "TYPE"))
+    parser.add_argument("--config")
+    parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.fetch_converter:
         print(fetch_converter())
-    if args.quantize:
+    elif args.quantize:
         _quantize_here(*args.quantize)
-    if not (args.fetch_converter or args.quantize):
-        parser.error("give --fetch-converter or --quantize SRC DST TYPE")
+    else:  # the stage with its inputs (store hits when they are already built)
+        from tasks import base as base_stage
+        from tasks import data as data_stage
+        from tasks import merge
+        from tasks import train as train_stage
+
+        cfg = load_config(args.config, args.set)
+        store = Store(cfg.pipeline.store)
+        base = base_stage.run(cfg, store)
+        data = data_stage.run(cfg, store, base_stage.model_dir(base))
+        train = train_stage.run(cfg, store, data, base)
+        ref = run(cfg, store, merge.run(cfg, store, base, train), train, data)
+        print((ref.dir / "verification.md").read_text() if ref else "nothing exported")
 
 
 if __name__ == "__main__":

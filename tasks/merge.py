@@ -105,7 +105,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_config(args.config, args.set)
     store = Store(cfg.pipeline.store)
-    data, base = data_stage.run(cfg, store), base_stage.run(cfg, store)
+    base = base_stage.run(cfg, store)
+    data = data_stage.run(cfg, store, base_stage.model_dir(base))
     ref = run(cfg, store, base, train_stage.run(cfg, store, data, base))
     print(model_dir(ref) if ref else "nothing to merge (ptuning)")
 
