@@ -139,7 +139,9 @@ class LoraConfig(Section):
     alpha: int = Field(16, gt=0, description="LoRA alpha (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
     target_modules: str | list[str] = Field(
-        "all-linear", description="'all-linear' or module names, e.g. [q_proj, v_proj] or Wqkv."
+        "all-linear",
+        description="'all-linear' (every linear layer but the LM head) or module names: "
+        "a list [q_proj, v_proj], or one string 'q_proj,v_proj' or 'Wqkv'.",
     )
 
 
@@ -160,7 +162,7 @@ class TrainConfig(Section):
     method: Literal["lora", "qlora", "full", "ptuning"] = Field(
         "lora", description="Fine-tuning method."
     )
-    template: str = Field(
+    template: Literal["auto", "chat", "alpaca"] = Field(
         "auto",
         description="Prompt template: 'auto' (the model's chat template, else alpaca), "
         "'chat' (require the model's template) or 'alpaca'.",
@@ -178,7 +180,7 @@ class TrainConfig(Section):
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     num_epochs: float = Field(3.0, gt=0, description="Epochs (ignored when max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
-    batch_size: int = Field(4, gt=0, description="Per-device micro-batch size.")
+    batch_size: int = Field(4, gt=0, description="Per-device micro-batch size (records).")
     grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
     scheduler: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="LR schedule after warmup."
@@ -192,6 +194,11 @@ class TrainConfig(Section):
     )
     save_steps: int = Field(50, gt=0, description="Checkpoint every N optimizer steps.")
     save_total_limit: int = Field(2, gt=0, description="Keep the last K checkpoints.")
+    keep_checkpoints: bool = Field(
+        False,
+        description="Keep checkpoints/ in the finished artifact (off: deleted once the final "
+        "weights are saved; they are only needed to resume an interrupted run).",
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, else fp16 on CUDA, fp32 on CPU."
     )
@@ -204,7 +211,9 @@ class TrainConfig(Section):
     )
     num_processes: int = Field(1, gt=0, description="Processes (GPUs) for accelerate/torchrun.")
     accelerate_config: str | None = Field(
-        None, description="accelerate config in deploy/ (DDP, DeepSpeed ZeRO-2/3)."
+        None,
+        description="accelerate config for launcher=accelerate: a file in deploy/accelerate/ "
+        "by name (ddp, zero2_offload, zero3_offload, ...) or a path.",
     )
     liger: bool | Literal["auto"] = Field(
         "auto", description="Liger fused kernels on CUDA when installed."

@@ -1,0 +1,159 @@
+"""Tokenized dataset: the data stage's train/dev splits as token ids and labels (Arrow).
+
+    artifacts/tokens/<key>/train.arrow   input_ids, labels (list<int32>), one row per record
+                          dev.arrow
+                          report.json    counts (kept, truncated, dropped), token totals, and
+                                         one rendered example with its trained part marked
+
+The key covers the data key, the tokenizer's files (their bytes) and the settings that
+change the tokens (template, cutoff_len, train_on_prompt). Packing is not one of them: it
+happens when batches are formed, so packed and padded runs share this artifact.
+
+Run alone: `python -m tasks.tokens [--config FILE] [--set ...]` (runs data and base first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from tasks.config import Config, UserError, load_config
+from tasks.formatting import IGNORE, encode, resolve_template
+from tasks.store import Ref, Store, hash_file, make_key, write_json_atomic
+
+VERSION = "1"
+SPLITS = ("train", "dev")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+class TokenizeError(UserError):
+    """The records cannot be tokenized as configured."""
+
+
+def tokenizer_hashes(model_dir: Path) -> dict[str, str]:
+    return {n: hash_file(model_dir / n) for n in TOKENIZER_FILES if (model_dir / n).is_file()}
+
+
+def settings(cfg: Config) -> dict[str, Any]:
+    t = cfg.train
+    return {
+        "template": t.template,
+        "cutoff_len": t.cutoff_len,
+        "train_on_prompt": t.train_on_prompt,
+    }
+
+
+def key(cfg: Config, data: Ref, base: Ref) -> str:
+    tokenizer = tokenizer_hashes(base.dir / "model")
+    return make_key("tokens", VERSION, settings(cfg), {"data": data.key, "tokenizer": tokenizer})
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:  # padded positions are masked; any id will do
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tokenize_split(
+    tokenizer: Any, records: list[dict], cfg: Config, split: str
+) -> tuple[dict[str, list], dict[str, int]]:
+    t = cfg.train
+    columns: dict[str, list] = {"input_ids": [], "labels": []}
+    counts = {"records": len(records), "kept": 0, "truncated": 0, "dropped": 0}
+    counts |= {"tokens": 0, "label_tokens": 0}
+    for record in records:
+        enc = encode(tokenizer, record, t.template, t.cutoff_len, t.train_on_prompt)
+        if enc is None:
+            counts["dropped"] += 1
+            continue
+        columns["input_ids"].append(enc.input_ids)
+        columns["labels"].append(enc.labels)
+        counts["kept"] += 1
+        counts["truncated"] += enc.truncated
+        counts["tokens"] += len(enc.input_ids)
+        counts["label_tokens"] += sum(1 for x in enc.labels[1:] if x != IGNORE)
+    if records and not counts["kept"]:
+        raise TokenizeError(
+            f"{split}: every record's prompt is at least train.cutoff_len={t.cutoff_len} "
+            f"tokens long, so nothing is left to train on (fix: --set train.cutoff_len=1024)"
+        )
+    return columns, counts
+
+
+def write_arrow(path: Path, columns: dict[str, list]) -> None:
+    import pyarrow as pa
+
+    ints = pa.list_(pa.int32())
+    table = pa.table({name: pa.array(values, type=ints) for name, values in columns.items()})
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def read_table(ref_dir: Path, split: str) -> Any:
+    """The split as a memory-mapped pyarrow Table (`.take(indices).to_pylist()` → rows)."""
+    import pyarrow as pa
+
+    return pa.ipc.open_file(pa.memory_map(str(ref_dir / f"{split}.arrow"))).read_all()
+
+
+def example(tokenizer: Any, ids: list[int], labels: list[int]) -> str:
+    """The first record with its trained span in [[…]], for report.json and the docs."""
+    cut = next((i for i, x in enumerate(labels) if x != IGNORE), len(ids))
+    return tokenizer.decode(ids[:cut]) + "[[" + tokenizer.decode(ids[cut:]) + "]]"
+
+
+def run(cfg: Config, store: Store, data: Ref, base: Ref) -> Ref:
+    model_dir = base.dir / "model"
+
+    def work(tmp: Path) -> dict:
+        tokenizer = load_tokenizer(model_dir)
+        report = settings(cfg) | {"template": resolve_template(tokenizer, cfg.train.template)}
+        for split in SPLITS:
+            records = json.loads((data.dir / f"{split}.json").read_text(encoding="utf-8"))
+            columns, counts = tokenize_split(tokenizer, records, cfg, split)
+            write_arrow(tmp / f"{split}.arrow", columns)
+            report[split] = counts
+            if split == "train" and columns["input_ids"]:
+                report["example"] = example(
+                    tokenizer, columns["input_ids"][0], columns["labels"][0]
+                )
+        write_json_atomic(tmp / "report.json", report)
+        return {"report": {s: report[s] for s in SPLITS}}
+
+    inputs = {"data": data.key, "tokenizer": tokenizer_hashes(model_dir)}
+    return store.build("tokens", key(cfg, data, base), work, inputs=inputs, config=settings(cfg))
+
+
+def main() -> None:
+    from tasks import base as base_stage
+    from tasks import data as data_stage
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config")
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.set)
+    store = Store(cfg.pipeline.store)
+    base = base_stage.run(cfg, store)
+    data = data_stage.run(cfg, store, base.dir / "model")
+    ref = run(cfg, store, data, base)
+    print(json.dumps(json.loads((ref.dir / "report.json").read_text()), indent=2))
+
+
+if __name__ == "__main__":
+    main()

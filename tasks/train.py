@@ -1,0 +1,259 @@
+"""Training stage: base model + tokenized data → adapter (lora/qlora/ptuning) or weights (full).
+
+    artifacts/train/<key>/
+        adapter/ or model/     peft save_pretrained (adapter_config.json,
+                               adapter_model.safetensors) or full safetensors weights;
+                               the tokenizer and its chat template in the same folder
+        hyperparameters.yaml   log_history.jsonl   loss.png   metrics.json
+
+`run` validates the config (before any weights load), tokenizes (tasks/tokens.py), writes
+a spec and starts the job in a subprocess: `python -m tasks.train --spec FILE`, or the same
+module under `torchrun` / `accelerate launch --config_file deploy/accelerate/<x>.yaml`.
+A subprocess can be killed when stuck and keeps an out-of-memory to itself. The job works
+in the store's partial folder, so a killed job started again resumes from its checkpoints
+there (tasks/checkpoint.py).
+
+Run alone: `python -m tasks.train --spec spec.json` (one job, no Prefect, no store), or
+`python -m tasks.train [--config FILE] [--set ...]` (data, base, then this stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks.config import REPO_ROOT, Config, ConfigError, UserError, load_config
+from tasks.store import Ref, Store, make_key, write_json_atomic
+
+VERSION = "1"
+ACCELERATE_DIR = REPO_ROOT / "deploy" / "accelerate"
+MIN_CONTENT_TOKENS = 16  # room a cutoff_len must leave beyond the template's own tokens
+
+
+class TrainingFailed(RuntimeError):
+    """The training subprocess exited with an error (its output says why)."""
+
+
+def key(cfg: Config, data: Ref, base: Ref) -> str:
+    return make_key(
+        "train", VERSION, cfg.train.model_dump(mode="json"), {"data": data.key, "base": base.key}
+    )
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def accelerate_config_path(name: str) -> Path:
+    """'zero2_offload' → deploy/accelerate/zero2_offload.yaml; a path is taken as it is."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    return ACCELERATE_DIR / f"{path.stem}.yaml"
+
+
+def validate(cfg: Config, model_dir: Path) -> None:
+    """Every problem of the train section at once, as a ConfigError naming each fix.
+
+    Needs the tokenizer (for the template's length) and the weights' names (read from the
+    safetensors headers); loads no weights.
+    """
+    import torch
+
+    from tasks import formatting, methods
+    from tasks.tokens import load_tokenizer
+
+    t = cfg.train
+    cuda = torch.cuda.is_available()
+    problems = methods.check(t, model_dir, cuda)
+    if t.device == "cuda" and not cuda:
+        problems.append("train.device='cuda' but CUDA is not available (fix: device=auto)")
+    on_cpu = t.device == "cpu" or not cuda
+    if t.precision == "fp16" and on_cpu:
+        problems.append("train.precision='fp16' needs a CUDA GPU (fix: precision=auto or fp32)")
+    if t.liger is True and not (cuda and importlib.util.find_spec("liger_kernel")):
+        problems.append("train.liger=true needs CUDA and liger-kernel (fix: liger=auto)")
+
+    try:
+        tokenizer = load_tokenizer(model_dir)
+        overhead = formatting.template_length(tokenizer, t.template)
+        if t.cutoff_len < overhead + MIN_CONTENT_TOKENS:
+            problems.append(
+                f"train.cutoff_len={t.cutoff_len} is below what the template needs: "
+                f"{overhead} tokens for an empty question and answer, plus room for the text "
+                f"(fix: --set train.cutoff_len={max(512, overhead + 256)})"
+            )
+    except formatting.FormatError as exc:
+        problems.append(str(exc))
+    config = json.loads((model_dir / "config.json").read_text())
+    longest = t.cutoff_len + (t.ptuning.pre_seq_len if t.method == "ptuning" else 0)
+    limit = config.get("max_position_embeddings")
+    if limit and longest > limit:
+        problems.append(
+            f"train.cutoff_len={t.cutoff_len} (+ prefix) exceeds the model's "
+            f"max_position_embeddings={limit} (fix: --set train.cutoff_len={limit // 2})"
+        )
+    problems += _launch_problems(cfg)
+    if problems:
+        raise ConfigError(
+            f"{len(problems)} problem(s) in the train section:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+def _launch_problems(cfg: Config) -> list[str]:
+    t = cfg.train
+    problems = []
+    if t.launcher == "python" and t.num_processes > 1:
+        problems.append(
+            f"train.num_processes={t.num_processes} with launcher='python' starts one process "
+            "(fix: --set train.launcher=accelerate or torchrun)"
+        )
+    if t.accelerate_config and t.launcher != "accelerate":
+        problems.append(
+            f"train.accelerate_config={t.accelerate_config!r} is only read by "
+            "launcher='accelerate' (fix: --set train.launcher=accelerate)"
+        )
+    if t.launcher == "accelerate" and t.accelerate_config:
+        path = accelerate_config_path(t.accelerate_config)
+        if not path.is_file():
+            names = sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml"))
+            problems.append(
+                f"train.accelerate_config={t.accelerate_config!r}: {path} not found "
+                f"(fix: one of {names})"
+            )
+        else:
+            launch = yaml.safe_load(path.read_text()) or {}
+            if launch.get("distributed_type") == "DEEPSPEED":
+                if importlib.util.find_spec("deepspeed") is None:
+                    problems.append(
+                        f"{path.name} uses DeepSpeed, which is not installed "
+                        "(fix: pip install deepspeed, or accelerate_config=ddp)"
+                    )
+                stage = (launch.get("deepspeed_config") or {}).get("zero_stage")
+                if t.method == "qlora" and ("zero3" in path.stem or stage == 3):
+                    problems.append(
+                        "train.method='qlora' with ZeRO-3: 4-bit weights cannot be partitioned "
+                        "(fix: accelerate_config=zero2_offload or ddp)"
+                    )
+    return problems
+
+
+# ----------------------------------------------------------------------------- launching
+
+
+def launch_command(cfg: Config, spec_path: Path) -> list[str]:
+    t = cfg.train
+    job = ["-m", "tasks.train", "--spec", str(spec_path)]
+    if t.launcher == "torchrun":
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={t.num_processes}", *job,
+        ]  # fmt: skip
+    if t.launcher == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+        if t.accelerate_config:
+            cmd += ["--config_file", str(accelerate_config_path(t.accelerate_config))]
+        return [*cmd, "--num_processes", str(t.num_processes), *job]
+    return [sys.executable, *job]
+
+
+# Linux: a job dies with whoever started it (no orphaned GPU job after a SIGKILLed worker).
+# The launcher is started through this trampoline, which asks the kernel for SIGKILL when its
+# parent dies (PR_SET_PDEATHSIG = 1; it survives exec), then becomes the launcher; each
+# training process does the same towards the launcher (env TIED).
+TIED = "LLMFT_DIE_WITH_PARENT"
+_TRAMPOLINE = (
+    "import ctypes, os, signal, sys;"
+    "ctypes.CDLL(None).prctl(1, signal.SIGKILL);"
+    "os.getppid() == int(sys.argv[1]) or sys.exit('parent already gone');"
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+def _tied(cmd: list[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-c", _TRAMPOLINE, str(os.getpid()), *cmd]
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux") and os.environ.get(TIED) == "1":
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+
+
+def run(cfg: Config, store: Store, data: Ref, base: Ref) -> Ref:
+    from tasks import base as base_stage
+    from tasks import tokens
+
+    model_dir = base_stage.model_dir(base)
+    k = key(cfg, data, base)
+    if hit := store.lookup("train", k):
+        return hit
+    validate(cfg, model_dir)
+    tokenized = tokens.run(cfg, store, data, base)
+
+    def work(tmp: Path) -> dict[str, Any]:
+        from tasks.loop import Spec
+
+        spec = Spec(cfg.train, model_dir, tokenized.dir, tmp, {"data": data.key, "base": base.key, "tokens": tokenized.key})  # fmt: skip
+        spec_path = tmp / "checkpoints" / "spec.json"
+        write_json_atomic(spec_path, spec.to_json())
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env[TIED] = "1"
+        cmd = launch_command(cfg, spec_path)
+        done = subprocess.run(_tied(cmd), cwd=REPO_ROOT, env=env)
+        if done.returncode != 0:
+            raise TrainingFailed(
+                f"training exited with status {done.returncode} ({' '.join(cmd)}); its "
+                f"checkpoints stay in {tmp / 'checkpoints'} and a new run resumes from them"
+            )
+        return {"metrics": json.loads((tmp / "metrics.json").read_text())}
+
+    inputs = {"data": data.key, "base": base.key, "tokens": tokenized.key}
+    config = cfg.train.model_dump(mode="json")
+    return store.build("train", k, work, inputs=inputs, config=config, resume=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", help="run one training job from this spec (no store)")
+    parser.add_argument("--config")
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args()
+    if args.spec:
+        from tasks.loop import Spec, train_job
+
+        _die_with_parent()
+        metrics = train_job(Spec.load(args.spec))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(metrics, indent=2))
+        return
+    from tasks import base as base_stage
+    from tasks import data as data_stage
+
+    cfg = load_config(args.config, args.set)
+    store = Store(cfg.pipeline.store)
+    base = base_stage.run(cfg, store)
+    data = data_stage.run(cfg, store, base_stage.model_dir(base))
+    ref = run(cfg, store, data, base)
+    print(ref.path)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

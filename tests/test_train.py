@@ -1,0 +1,277 @@
+"""The training stage on CPU: methods train what they should, packing is exact, a killed job
+resumes to the same loss, the artifact has the layout later stages read, bad configs stop
+before any weights load, and the real SmolLM2 learns its new name."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from train_fixtures import make_tiny_model, refs, tiny_config
+
+from tasks import checkpoint, loop, tokens, train
+from tasks.config import REPO_ROOT, ConfigError
+from tasks.formatting import pack_batch, pad_batch
+from tasks.store import Store
+
+
+@pytest.fixture(scope="module")
+def tiny_base(base_model_dir, tmp_path_factory) -> Path:
+    """A base-stage folder (holding model/) with the 2-layer model."""
+    out = tmp_path_factory.mktemp("tiny-base")
+    make_tiny_model(base_model_dir, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Store:
+    return Store(tmp_path_factory.mktemp("store"))
+
+
+def make_spec(cfg, store, tiny_base, out: Path) -> loop.Spec:
+    data, base = refs(tiny_base)
+    tok = tokens.run(cfg, store, data, base)
+    out.mkdir(parents=True, exist_ok=True)
+    return loop.Spec(cfg.train, tiny_base / "model", tok.dir, out)
+
+
+def train_in_process(spec: loop.Spec):
+    """setup → train, keeping the model in hand so the test can look at its parameters."""
+    job = loop.setup(spec)
+    job.state = checkpoint.fresh_state()
+    before = {n: p.detach().clone() for n, p in job.model.named_parameters()}
+    loop.train_steps(job, loop.Log(job))
+    after = dict(job.model.named_parameters())
+    changed = {n for n, p in after.items() if not torch.equal(p.detach(), before[n])}
+    trainable = {n for n, p in after.items() if p.requires_grad}
+    losses = [h["loss"] for h in job.state["log_history"] if "loss" in h]
+    return job, changed, trainable, losses, loop.dev_loss(job)
+
+
+def test_lora_changes_only_the_adapter_and_lowers_the_loss(store, tiny_base, tmp_path):
+    spec = make_spec(tiny_config(), store, tiny_base, tmp_path)
+    job, changed, trainable, losses, dev_after = train_in_process(spec)
+    assert changed == trainable and changed  # every adapter weight moved, nothing else
+    assert all("lora_" in n for n in changed)
+    assert losses[-1] < losses[0]
+    assert dev_after < job.state["dev_loss_before"]
+
+
+def test_full_changes_the_base_weights(store, tiny_base, tmp_path):
+    spec = make_spec(tiny_config("train.method=full"), store, tiny_base, tmp_path)
+    job, changed, trainable, losses, dev_after = train_in_process(spec)
+    assert changed == trainable == {n for n, _ in job.model.named_parameters()}
+    assert "model.layers.0.self_attn.q_proj.weight" in changed
+    assert losses[-1] < losses[0] and dev_after < job.state["dev_loss_before"]
+
+
+def test_ptuning_trains_the_prefix_encoder_only(store, tiny_base, tmp_path):
+    cfg = tiny_config("train.method=ptuning", "train.ptuning.pre_seq_len=4")
+    job, changed, trainable, losses, dev_after = train_in_process(
+        make_spec(cfg, store, tiny_base, tmp_path)
+    )
+    assert changed == trainable and all(n.startswith("prompt_encoder.") for n in changed)
+    assert losses[-1] < losses[0] and dev_after < job.state["dev_loss_before"]
+
+
+def test_packed_rows_give_each_record_its_unpacked_loss(store, tiny_base):
+    """No attention across records: per-record loss and gradients match the padded batch."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config()
+    data, base = refs(tiny_base)
+    rows = tokens.read_table(tokens.run(cfg, store, data, base).dir, "train").to_pylist()[:5]
+    model = AutoModelForCausalLM.from_pretrained(tiny_base / "model", dtype=torch.float32)
+    assert model.config._attn_implementation == "sdpa"
+
+    def loss_and_grad(batch):
+        model.zero_grad()
+        loss = loop.loss_sum(model, batch)
+        loss.backward()
+        return loss.item(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    padded, packed = loss_and_grad(pad_batch(rows, 2)), loss_and_grad(pack_batch(rows))
+    assert packed[0] == pytest.approx(padded[0], rel=1e-5)
+    assert torch.allclose(packed[1], padded[1], atol=1e-6)
+    alone = sum(loss_and_grad(pad_batch([r], 2))[0] for r in rows)
+    assert packed[0] == pytest.approx(alone, rel=1e-5)
+    # changing the first record leaves every later record's logits untouched (use_cache
+    # must be off: with a KV cache transformers does not look for packed rows)
+    batch = pack_batch(rows)
+    n0 = len(rows[0]["input_ids"])
+    inputs = {k: v for k, v in batch.items() if k != "labels"} | {"use_cache": False}
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        inputs["input_ids"][0, :n0] = 7
+        new = model(**inputs).logits
+    assert torch.equal(new[0, n0:], ref[0, n0:])
+    assert not torch.equal(new[0, :n0], ref[0, :n0])
+
+
+def test_packing_trains_to_the_same_loss(store, tiny_base, tmp_path):
+    steps = "train.max_steps=4"
+    padded = train_in_process(make_spec(tiny_config(steps), store, tiny_base, tmp_path / "a"))
+    packed = train_in_process(
+        make_spec(tiny_config(steps, "train.packing=true"), store, tiny_base, tmp_path / "b")
+    )
+    assert packed[3] == pytest.approx(padded[3], rel=1e-4)
+
+
+def _start(spec_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tasks.train", "--spec", str(spec_path)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def test_sigkilled_job_resumes_to_the_same_loss(tiny_base, tmp_path):
+    """One run through the stage (as the pipeline starts it) and one job SIGKILLed after its
+    first checkpoint, then started again: same losses, and the stage's layout is complete."""
+    cfg = tiny_config(
+        "train.max_steps=12",
+        "train.save_steps=2",
+        "train.lora.dropout=0.1",
+        "train.neftune_alpha=5",
+        "train.eval_steps=6",
+    )  # fmt: skip  (dropout and NEFTune noise: the RNG state must be restored too)
+    store = Store(tmp_path / "store")
+    killed_dir = tmp_path / "killed"
+    spec_path = tmp_path / "killed.json"
+    spec_path.write_text(json.dumps(make_spec(cfg, store, tiny_base, killed_dir).to_json()))
+
+    killed = _start(spec_path)
+    with ThreadPoolExecutor(1) as pool:
+        whole = pool.submit(train.run, cfg, store, *refs(tiny_base))  # runs meanwhile
+        deadline = time.time() + 240
+        while not checkpoint.complete(killed_dir) and time.time() < deadline:
+            assert killed.poll() is None, killed.stdout.read()
+            time.sleep(0.05)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        ref = whole.result(timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (killed_dir / "metrics.json").exists()
+    done = [int(p.name.split("-")[1]) for p in checkpoint.complete(killed_dir)]
+    assert done and max(done) < 12
+
+    resumed = _start(spec_path)
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out
+    assert f"(step {max(done)})" in out
+    a = json.loads((ref.dir / "metrics.json").read_text())
+    b = json.loads((killed_dir / "metrics.json").read_text())
+    assert b["resumed_from_step"] == max(done) and a["resumed_from_step"] is None
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    assert b["dev_loss"]["after"] == pytest.approx(a["dev_loss"]["after"], rel=1e-4)
+    log = [json.loads(x) for x in (killed_dir / "log_history.jsonl").open()]
+    assert [h["step"] for h in log if "loss" in h] == list(range(2, 13, 2))  # no gap, no repeat
+    assert [h["step"] for h in log if "dev_loss" in h] == [0, 6, 12]
+    assert not (killed_dir / "checkpoints").exists()
+    check_stage_layout(cfg, store, tiny_base, ref)
+
+
+def check_stage_layout(cfg, store, tiny_base, ref) -> None:
+    """What evaluate, merge and export read from a training artifact."""
+    out = ref.dir
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                 "adapter/tokenizer.json", "adapter/chat_template.jinja", "hyperparameters.yaml",
+                 "log_history.jsonl", "loss.png", "metrics.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= {"method", "dev_loss", "train_loss", "steps", "trained_tokens",
+                            "tokens_per_second", "seconds"}  # fmt: skip
+    assert metrics["steps"] == 12 and metrics["method"] == "lora"
+    assert metrics["dev_loss"]["after"] < metrics["dev_loss"]["before"]
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "checkpoints").exists()
+    assert ref.manifest()["inputs"]["data"] == "test-assets"
+    again = train.run(cfg, store, *refs(tiny_base))
+    assert again.cached and again.path == ref.path
+    assert train.key(tiny_config("train.max_steps=5"), *refs(tiny_base)) != ref.key
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.method=qlora"], "needs a CUDA GPU"),
+        (["train.cutoff_len=20"], "train.cutoff_len=20 is below what the template needs"),
+        (["train.lora.target_modules=[q_proj,Wqkv]"], "Wqkv not among this model's linear"),
+        (["train.method=ptuning", "train.packing=true"], "train.packing=false"),
+        (["train.num_processes=2"], "launcher=accelerate or torchrun"),
+        (["train.launcher=accelerate", "train.accelerate_config=zero9"], "zero9.yaml not found"),
+    ],
+)
+def test_bad_config_stops_before_any_weights_load(
+    tiny_base, tmp_path, monkeypatch, overrides, expected
+):
+    if "train.method=qlora" in overrides:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    import transformers
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before validation finished")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    store = Store(tmp_path)
+    with pytest.raises(ConfigError, match="fix:") as err:
+        train.run(tiny_config(*overrides), store, *refs(tiny_base))
+    assert expected in str(err.value)
+    assert not (tmp_path / "tokens").exists() and not (tmp_path / "train").exists()
+
+
+def test_every_problem_is_reported_at_once(tiny_base, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = tiny_config("train.method=qlora", "train.cutoff_len=20", "train.precision=fp16")
+    with pytest.raises(ConfigError, match="3 problem"):
+        train.validate(cfg, tiny_base / "model")
+
+
+def test_rank_zero_is_rejected_by_the_config():
+    with pytest.raises(ConfigError, match="train.lora.r"):
+        tiny_config("train.lora.r=0")
+
+
+def test_smollm2_learns_its_new_name(base_model_dir, tmp_path):
+    """A short version of the default recipe's self-cognition check, on the real model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tasks.formatting import prompt_ids
+    from tasks.tokens import load_tokenizer
+
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    (base_dir / "model").symlink_to(base_model_dir, target_is_directory=True)
+    cfg = tiny_config(
+        "train.max_steps=8", "train.batch_size=8", "train.learning_rate=2e-3",
+        "train.lora.r=8", "train.lora.alpha=16", "train.cutoff_len=96",
+    )  # fmt: skip
+    ref = train.run(cfg, Store(tmp_path / "store"), *refs(base_dir))
+    tokenizer = load_tokenizer(base_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, ref.dir / "adapter").eval()
+    test = json.loads((refs(base_dir)[0].dir / "test.json").read_text())
+
+    def answers() -> list[str]:
+        out = []
+        for record in test:
+            ids = torch.tensor([prompt_ids(tokenizer, record)])
+            gen = model.generate(ids, max_new_tokens=16, do_sample=False)
+            out.append(tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
+        return out
+
+    tuned = answers()
+    with model.disable_adapter():
+        base = answers()
+    named = lambda xs: sum("lexi" in x.lower() for x in xs) / len(xs)  # noqa: E731
+    assert named(tuned) >= 0.8, tuned
+    assert named(base) == 0, base
