@@ -38,6 +38,7 @@ SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 BATCH_RECORDS = 32_768  # records held at once: ~15 MB of text for alpaca-sized records
 RAW_HEAD = 1000  # characters of an unparsable or oversized record kept in rejected.jsonl
 SHAPE_SAMPLE = 1000  # records looked at to detect a file's shape
+READ_BUFFER = 1 << 20  # not the default 8 KiB: a read costs ~20 µs of system time here
 USER_ROLES = {"user", "human"}
 ASSISTANT_ROLES = {"assistant", "gpt", "model", "bot", "chatgpt"}
 PROMPT_NAMES = ("instruction", "prompt", "question", "query", "input", "q")
@@ -308,7 +309,7 @@ def read_jsonl(
     limit = cfg.max_line_bytes
     end = path.stat().st_size if end is None else end
     offset, number = start, 0
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=READ_BUFFER) as f:
         f.seek(start)
         batch = _Collector(name, shape, "line")
         for line, size in _read_lines(f, limit):

@@ -477,3 +477,18 @@ def test_demo_datasets_through_the_default_config(tmp_path):
     assert len(chinese) >= 140
     held_out = [r["instruction"] for r in out["test"] if "Lexi" in r["output"]]
     assert held_out  # identity questions the model never trained on
+
+
+def test_json_built_by_column_is_byte_identical_to_orjson():
+    texts = ["plain", 'quote " and \\ backslash', "new\nline\ttab", "中文 é 😀 \u2028", "", "{}[]"]
+    kept = {
+        "instruction": pa.array(texts),
+        "input": pa.array(texts[::-1]),
+        "output": pa.array(texts[1:] + texts[:1]),
+        "system": pa.array([None, 'sys "x"', None, "", "s\n", None]),
+    }
+    blob, ends = data._buffer_and_ends(data._json_by_column(kept))
+    expected, expected_ends = data._json_by_record(kept, None)
+    assert bytes(blob)[: ends[-1]] == bytes(expected) and list(ends) == list(expected_ends)
+    records = [json.loads(bytes(expected)[a:b]) for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+    assert records[1]["system"] == 'sys "x"' and "system" not in records[3]
