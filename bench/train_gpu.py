@@ -92,6 +92,18 @@ MODELS = {
 }
 BATCH, ACCUM, CUTOFF = 8, 4, 1024
 LR = {"lora": 1e-3, "qlora": 1e-3, "full": 5e-5}
+# --ladder: each lever added in turn (pack: padding-free rows + varlen flash attention;
+# lora: fused LoRA linear; loss: loss fused with the head at labelled positions; liger:
+# Liger RMSNorm/SwiGLU/RoPE and its fused linear cross-entropy; ckpt: checkpointing)
+LADDER = [
+    ("lora", "none"),
+    ("lora", "pack"),
+    ("lora", "pack,lora"),
+    ("lora", "pack,lora,loss"),
+    ("lora", "pack,lora,loss,liger"),
+    ("full", "pack,loss,liger"),
+    ("qlora", "pack,lora,loss,liger"),
+]
 SEED = 42
 
 
@@ -299,6 +311,84 @@ def run_baseline(args: argparse.Namespace) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- levers
+
+
+def run_levers(args: argparse.Namespace) -> dict:
+    """The fast path's pieces in a plain loop, each lever a flag (`--levers pack,lora,...`).
+
+    Not how users run llmft (that is `run_llmft`): this isolates what each lever buys,
+    on the model the training stage builds (`tasks.methods.load`), the same records per
+    step, AdamW (fused), constant lr, clip 1.0, bf16 autocast.
+    """
+    import torch
+
+    from tasks import fastpath, methods
+    from tasks.config import TrainConfig
+    from tasks.tokens import read_table
+
+    levers = set(filter(None, args.levers.split(",")))
+    method = args.method
+    cfg = TrainConfig(
+        method=method, cutoff_len=CUTOFF, packing="pack" in levers, batch_size=BATCH,
+        grad_accum=ACCUM, gradient_checkpointing="ckpt" in levers, learning_rate=LR[method],
+    )  # fmt: skip
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: plumbing check only
+    torch.manual_seed(SEED)
+    model = methods.load(cfg, Path(args.model_dir), torch.bfloat16, torch.device(dev))
+    model.to(dev)
+    liger = "liger" in levers and fastpath.liger_available()
+    plan = fastpath.Plan(
+        device=dev, batches=True, packing="pack" in levers, rows=None,
+        attention=fastpath.ATTN_NAME if "pack" in levers else "unchanged",
+        fused_lora="lora" in levers, fused_loss=("liger" if liger else "chunked")
+        if "loss" in levers else "off", liger=liger, fused_adamw=dev == "cuda",
+        compile=False, gradient_checkpointing="ckpt" in levers, token_budget=BATCH * CUTOFF,
+    )  # fmt: skip
+    if plan.liger:
+        fastpath.apply_liger(model)
+    if plan.attention == fastpath.ATTN_NAME:
+        fastpath.set_attention(model, fastpath.ATTN_NAME)
+    if plan.fused_lora:
+        fastpath.fuse_lora(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR[method], weight_decay=0.0, fused=plan.fused_adamw)
+    rows = read_table(Path(args.tokens), "train").to_pylist()
+    order = step_order(len(rows))
+    per_step = BATCH * ACCUM
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ends, losses, tokens = [], [], []
+    model.train()
+    for step in range(args.steps):
+        records = [rows[i] for i in order[step * per_step : (step + 1) * per_step]]
+        micro = fastpath.micro_batches(records, plan, BATCH, 2, dev)
+        n = sum(b["num_targets"] for b in micro)
+        total = torch.zeros((), device=dev)
+        for b in micro:
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                loss = fastpath.loss_sum(model, b, plan) / n
+            loss.backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(total))  # one sync per step, as the training stage logs
+        ends.append(time.perf_counter())
+        tokens.append(sum(len(r["input_ids"]) for r in records))
+    w = args.warmup
+    seconds = ends[-1] - ends[w - 1]
+    return {
+        "tokens_per_second": sum(tokens[w:]) / seconds,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0,
+        "losses": losses,
+        "timed_seconds": seconds,
+        "timed_tokens": sum(tokens[w:]),
+        "micro_batches_per_step": len(micro),
+        "fastpath": plan.describe(),
+    }
+
+
 # ----------------------------------------------------------------------------- llmft
 
 
@@ -359,16 +449,16 @@ def run_llmft(model_dir: Path, tokens: Path, method: str, work: Path, args, **ex
 
 
 def child(args: argparse.Namespace) -> None:
-    result = run_baseline(args)
+    result = run_levers(args) if args.levers is not None else run_baseline(args)
     Path(args.result).write_text(json.dumps(result))
 
 
 def run_row(kind: str, model: str, method: str, paths: dict, args, **extra) -> dict:
-    work = Path(args.out) / f"{kind}-{model}-{method}{extra.pop('tag', '')}"
+    work = Path(args.work) / "rows" / f"{kind}-{model}-{method}{extra.pop('tag', '')}"
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     try:
-        if kind == "baseline":
+        if kind in ("baseline", "levers"):
             result_file = work / "result.json"
             cmd = [
                 sys.executable, __file__, "--child", "--method", method,
@@ -376,13 +466,15 @@ def run_row(kind: str, model: str, method: str, paths: dict, args, **extra) -> d
                 "--work", str(work), "--result", str(result_file),
                 "--steps", str(args.steps), "--warmup", str(args.warmup),
             ]  # fmt: skip
-            with open(work / "baseline.log", "w") as f:
+            if kind == "levers":
+                cmd += ["--levers", extra["levers"]]
+            with open(work / "child.log", "w") as f:
                 proc = subprocess.run(
                     cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=args.row_timeout
                 )
             if proc.returncode != 0:
-                tail = (work / "baseline.log").read_text()[-3000:]
-                raise RuntimeError(f"baseline exited {proc.returncode}: {tail}")
+                tail = (work / "child.log").read_text()[-3000:]
+                raise RuntimeError(f"{kind} exited {proc.returncode}: {tail}")
             result = json.loads(result_file.read_text())
         else:
             result = run_llmft(paths["model"], paths["tokens"], method, work, args, **extra)
@@ -396,14 +488,14 @@ def run_row(kind: str, model: str, method: str, paths: dict, args, **extra) -> d
 
 def table(rows: list[dict], ceiling: dict) -> str:
     head = (
-        f"{'model':<9} {'impl':<8} {'method':<11} {'tok/s':>8} {'vs base':>7} {'MFU':>6} "
+        f"{'model':<9} {'impl':<8} {'method':<28} {'tok/s':>8} {'vs base':>7} {'MFU':>6} "
         f"{'peak GiB':>8} {'loss@1':>7} {'loss@end':>8}"
     )
     lines = [head, "-" * len(head)]
     base = {(r["model"], r["method"]): r for r in rows if r["impl"] == "baseline"}
     for r in rows:
         if r.get("error"):
-            lines.append(f"{r['model']:<9} {r['impl']:<8} {r['label']:<11} ERROR {r['error'][:60]}")
+            lines.append(f"{r['model']:<9} {r['impl']:<8} {r['label']:<28} ERROR {r['error'][:60]}")
             continue
         tps = r["tokens_per_second"]
         c = 6 if r["method"] == "full" else 4
@@ -413,7 +505,7 @@ def table(rows: list[dict], ceiling: dict) -> str:
         losses = r["losses"]
         end = sum(losses[-2:]) / len(losses[-2:])
         lines.append(
-            f"{r['model']:<9} {r['impl']:<8} {r['label']:<11} {tps:>8.0f} {ratio:>7} "
+            f"{r['model']:<9} {r['impl']:<8} {r['label']:<28} {tps:>8.0f} {ratio:>7} "
             f"{100 * mfu:>5.1f}% {r['peak_gib']:>8.2f} {losses[0]:>7.4f} {end:>8.4f}"
         )
     return "\n".join(lines)
@@ -430,6 +522,12 @@ def main() -> None:
     p.add_argument("--tokenizer", default=str(REPO / ".bench" / "tok"))
     p.add_argument("--row-timeout", type=int, default=300)
     p.add_argument("--noise", action="store_true", help="also run llmft lora with seed+1")
+    p.add_argument(
+        "--ladder",
+        action="store_true",
+        help="instead of the stage rows: each lever added in turn in a plain loop",
+    )
+    p.add_argument("--levers", help=argparse.SUPPRESS)  # child mode: the lever set
     # child mode (one baseline row)
     p.add_argument("--child", action="store_true")
     p.add_argument("--method")
@@ -457,15 +555,19 @@ def main() -> None:
         make_model(model, paths["model"], Path(args.tokenizer))
         n = matmul_params(MODELS[model])
         plan = [("baseline", m, m, {}) for m in methods if m != "qlora"]
-        plan += [("llmft", m, m, {}) for m in methods]
-        if "qlora" in methods:
+        if args.ladder:
+            plan += [("levers", m, f"{m} {lv}", {"levers": lv}) for m, lv in LADDER
+                     if m in methods]  # fmt: skip
+        else:
+            plan += [("llmft", m, m, {}) for m in methods]
+        if "qlora" in methods and not args.ladder:
             plan.append(("llmft", "qlora", "qlora+ckpt", {"gradient_checkpointing": True}))
         if args.noise:
             plan.append(("llmft", "lora", "lora seed+1", {"seed": SEED + 1}))
         for impl, method, label, extra in plan:
             extra = dict(extra)
             if label != method:
-                extra["tag"] = "-" + label.replace("+", "_").replace(" ", "_")
+                extra["tag"] = "-" + label.replace("+", "_").replace(" ", "_").replace(",", "_")
             r = run_row(impl, model, method, paths, args, **extra)
             rows.append(r | {"impl": impl, "model": model, "method": method, "label": label,
                              "N": n})  # fmt: skip
