@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.cli import main as cli
-from tasks import data
+from tasks import clean, data
 from tasks.config import UserError, load_config
 from tasks.data import clean_dataset
 from tasks.ingest import DataError
@@ -487,8 +487,8 @@ def test_json_built_by_column_is_byte_identical_to_orjson():
         "output": pa.array(texts[1:] + texts[:1]),
         "system": pa.array([None, 'sys "x"', None, "", "s\n", None]),
     }
-    blob, ends = data._buffer_and_ends(data._json_by_column(kept))
-    expected, expected_ends = data._json_by_record(kept, None)
+    blob, ends = clean._buffer_and_ends(clean._json_by_column(kept))
+    expected, expected_ends = clean._json_by_record(kept, None)
     assert bytes(blob)[: ends[-1]] == bytes(expected) and list(ends) == list(expected_ends)
     records = [json.loads(bytes(expected)[a:b]) for a, b in zip([0, *ends[:-1]], ends, strict=True)]
     assert records[1]["system"] == 'sys "x"' and "system" not in records[3]
