@@ -161,7 +161,10 @@ def _parallel_jsonl(
             base += chunk[-1].lines
 
 
-def _prepared(path: Path, name: str, cfg: DataConfig, tokenizer: Any, tok: Path | None):
+def _prepared(
+    path: Path, name: str, cfg: DataConfig, tokenizer: Any, tok: Path | None
+) -> Iterator[tuple[Prepared, int]]:
+    """(prepared batch, line number base) of one file: in worker processes when it is big."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     workers = cfg.workers or cores or 1
     big = is_jsonl(path) and path.stat().st_size >= 2 * CHUNK_BYTES
