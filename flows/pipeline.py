@@ -1,4 +1,4 @@
-"""The whole DAG as one Prefect flow: data → base → train → evaluate → merge → export → promote.
+"""The whole DAG as one Prefect flow: base → data → train → evaluate → merge → export → promote.
 
 Each stage is a thin task over `tasks.<stage>.run`; its Prefect cache key is the stage's
 store key (never Prefect's INPUTS policy, which would hash path strings, not files), so a
@@ -33,10 +33,10 @@ from prefect.tasks import exponential_backoff
 from pydantic import ValidationError
 
 from flows.stage import FaultInjected, OutOfMemory, run_in_subprocess, stage_key
+from tasks.base import model_dir
 from tasks.config import Config, ConfigError, UserError, load_config
 from tasks.store import Ref, Store, hash_file, write_json_atomic
 
-STAGES = ("data", "base", "train", "evaluate", "merge", "export")
 TRAIN_DEPLOYMENT = "llmft-train/gpu"
 
 
@@ -83,10 +83,10 @@ STAGE_OPTIONS = dict(
 
 
 @task(name="data", **STAGE_OPTIONS)
-def data_task(cfg: Config) -> Ref:
+def data_task(cfg: Config, tokenizer_dir: Path) -> Ref:
     from tasks import data
 
-    return data.run(cfg, Store(cfg.pipeline.store))
+    return data.run(cfg, Store(cfg.pipeline.store), tokenizer_dir)
 
 
 @task(name="base", **STAGE_OPTIONS)
@@ -126,7 +126,14 @@ def export_task(cfg: Config, merged: Ref, train: Ref, data: Ref) -> Ref | None:
     )
 
 
-@task(name="answer", retries=1)
+def answer_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Greedy decoding: the same GGUF file and prompt give the same answer."""
+    gguf = Path(parameters["gguf"])
+    mark = f"{gguf}\0{gguf.stat().st_mtime_ns}\0{parameters['cfg'].pipeline.identity_prompt}"
+    return "llmft-answer-" + hashlib.sha256(mark.encode()).hexdigest()[:24]
+
+
+@task(name="answer", retries=1, cache_key_fn=answer_cache_key)
 def answer_task(cfg: Config, gguf: str) -> str:
     from tasks.serve import answer
 
@@ -169,11 +176,11 @@ def pipeline(
     sha256: str | None = None,
     summary_path: str | None = None,
 ) -> dict[str, Any]:
-    """data → base → train → evaluate → merge → export → answer → promote."""
+    """base → data → train → evaluate → merge → export → answer → promote."""
     cfg = resolve_config(config, config_path, overrides, dataset, sha256)
     run = Run.begin(cfg, summary_path)
-    data = run.add("data", data_task(cfg))
-    base = run.add("base", base_task(cfg))
+    base = run.add("base", base_task(cfg))  # first: data may count tokens with its tokenizer
+    data = run.add("data", data_task(cfg, model_dir(base)))
     trained = run.add("train", train_task(cfg, data, base))
     run.add("evaluate", evaluate_task(cfg, data, base, trained))
     merged = run.add("merge", merge_task(cfg, base, trained))

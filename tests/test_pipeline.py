@@ -26,7 +26,7 @@ SUMMARY_KEYS = {
     "served_gguf",
     "answer",
 }
-STAGES = ["data", "base", "train", "evaluate", "merge", "export"]
+STAGES = ["base", "data", "train", "evaluate", "merge", "export"]
 
 
 @pytest.fixture(scope="module")

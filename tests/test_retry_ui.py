@@ -37,7 +37,7 @@ def test_retry_after_a_failed_export_recomputes_nothing_before_it(prefect_server
     summary_file = tiny_pipeline["store"] / "runs" / run["id"] / "summary.json"
     attempt = json.loads(summary_file.read_text())
     assert attempt["status"] == "running"  # written up to the stage that failed
-    assert list(attempt["stages"]) == ["data", "base", "train", "evaluate", "merge"]
+    assert list(attempt["stages"]) == ["base", "data", "train", "evaluate", "merge"]
     assert not attempt["stages"]["train"]["cached"]
 
     retry_env = {k: v for k, v in env.items() if k != "LLMFT_FAIL_STAGE"}
