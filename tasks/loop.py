@@ -96,18 +96,45 @@ def epoch_order(n: int, epoch: int, seed: int, per_step: int) -> tuple[int, ...]
     return tuple(order)
 
 
-def step_indices(n: int, step: int, cfg: TrainConfig, rank: int, world: int) -> list[list[int]]:
-    """Row indices of this process's micro-batches for optimizer step `step` (0-based)."""
+def step_indices(n: int, step: int, cfg: TrainConfig, rank: int, world: int) -> list[int]:
+    """Row indices of this process's records for optimizer step `step` (0-based)."""
     per_rank = cfg.batch_size * cfg.grad_accum
     per_step = per_rank * world
     epoch, in_epoch = divmod(step, math.ceil(n / per_step))
     start = in_epoch * per_step + rank * per_rank
-    mine = epoch_order(n, epoch, cfg.seed, per_step)[start : start + per_rank]
-    return [list(mine[i : i + cfg.batch_size]) for i in range(0, per_rank, cfg.batch_size)]
+    return list(epoch_order(n, epoch, cfg.seed, per_step)[start : start + per_rank])
 
 
 def collate(records: list[dict], packing: bool, pad_id: int) -> dict[str, Any]:
     return pack_batch(records) if packing else pad_batch(records, pad_id)
+
+
+def micro_batches(job: Job, records: list[dict]) -> list[tuple[dict[str, Any], int, int]]:
+    """One step's records → [(micro-batch on the device, label tokens, input tokens)].
+
+    The GPU fast path (tasks/fastpath.py) forms its own micro-batches within a token
+    budget; otherwise grad_accum micro-batches of batch_size records each.
+    """
+    if job.plan is not None and job.plan.batches:
+        from tasks import fastpath
+
+        device, bs = job.accelerator.device, job.cfg.batch_size
+        mbs = fastpath.micro_batches(records, job.plan, bs, job.pad_id, device)
+        return [(mb, mb["num_targets"], mb["num_tokens"]) for mb in mbs]
+    out = []
+    for i in range(0, len(records), job.cfg.batch_size):
+        batch = collate(records[i : i + job.cfg.batch_size], job.cfg.packing, job.pad_id)
+        tokens = batch["input_ids"].numel() if job.cfg.packing else batch["attention_mask"].sum()
+        out.append((_to(batch, job.accelerator.device), int(_labels(batch)), int(tokens)))
+    return out
+
+
+def micro_loss(job: Job, batch: dict[str, Any]) -> Any:
+    if job.plan is not None and job.plan.batches:
+        from tasks import fastpath
+
+        return fastpath.loss_sum(job.model, batch, job.plan)
+    return loss_sum(job.model, batch)
 
 
 def _to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
@@ -188,6 +215,7 @@ class Job:
     total_steps: int
     steps_per_epoch: int
     info: dict[str, Any]
+    plan: Any = None  # tasks.fastpath.Plan on a GPU
     state: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -230,6 +258,11 @@ def setup(spec: Spec) -> Job:
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    plan = None
+    if device == "cuda":  # GPU levers (packing rows, fused LoRA and loss, Liger): issue 6
+        from tasks import fastpath
+
+        plan = fastpath.prepare(model, cfg, acc.device, deepspeed)
     # fused: one kernel for all tensors on the GPU; DeepSpeed may step on the CPU instead
     optimizer = torch.optim.AdamW(
         groups, lr=cfg.learning_rate, fused=device == "cuda" and not deepspeed
@@ -260,10 +293,11 @@ def setup(spec: Spec) -> Job:
         "dev_rows": len(dev_rows),
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
+        "fast_path": None if plan is None else plan.describe(),
     }
     return Job(
         spec, cfg, acc, model, optimizer, scheduler, params, tokenizer, rows, dev_rows,
-        total_steps, steps_per_epoch, info,
+        total_steps, steps_per_epoch, info, plan,
     )  # fmt: skip
 
 
@@ -309,22 +343,21 @@ def train_steps(job: Job, log: Log) -> None:
     window = torch.zeros(2, dtype=torch.float64, device=acc.device)  # Σ step losses, tokens
     window_steps, window_started = 0, time.time()
     while step < job.total_steps:
-        micro = [
-            _to(collate(job.rows.take(idx).to_pylist(), cfg.packing, job.pad_id), acc.device)
-            for idx in step_indices(job.rows.num_rows, step, cfg, rank, world)
-        ]
-        labels = sum(_labels(b) for b in micro).double()
+        records = job.rows.take(step_indices(job.rows.num_rows, step, cfg, rank, world))
+        micro = micro_batches(job, records.to_pylist())
+        labels = torch.tensor(float(sum(m[1] for m in micro)), device=acc.device)
         labels = (acc.reduce(labels, reduction="sum") if world > 1 else labels).clamp(min=1)
-        for batch in micro:
+        if not job.info["deepspeed"]:  # the fast path may form more or fewer micro-batches
+            acc.gradient_accumulation_steps = len(micro)
+        acc.step = 0  # accumulate() syncs gradients on this step's last micro-batch
+        for batch, _, tokens in micro:
             with acc.accumulate(job.model):
-                loss = loss_sum(job.model, batch)
-                # backward divides by grad_accum and DDP averages over processes: undo both,
-                # so the gradient is that of the step's token mean
-                acc.backward(loss / labels * (world * cfg.grad_accum))
+                loss = micro_loss(job, batch)
+                # backward divides by the micro-batch count and DDP averages over processes:
+                # undo both, so the gradient is that of the step's token mean
+                acc.backward(loss / labels * (world * acc.gradient_accumulation_steps))
             window[0] += loss.detach().double() / labels
-            window[1] += (
-                batch["input_ids"].numel() if cfg.packing else batch["attention_mask"].sum()
-            )
+            window[1] += tokens
         grad_norm = acc.clip_grad_norm_(job.params, cfg.max_grad_norm)
         job.optimizer.step()
         if not acc.optimizer_step_was_skipped:  # fp16 overflow: the step did not happen
@@ -401,7 +434,7 @@ def train_job(spec: Spec) -> dict[str, Any]:
         "wall_seconds": round(time.time() - started, 2),
         "peak_gpu_memory_gib": None if peak is None else round(peak, 3),
         "resumed_from_step": state["resumed_from_step"],
-    } | {k: job.info[k] for k in ("device", "precision", "processes", "deepspeed")}
+    } | {k: job.info[k] for k in ("device", "precision", "processes", "deepspeed", "fast_path")}
     metrics |= {k: job.info[k] for k in ("trainable_parameters", "total_parameters")}
     if acc.is_main_process:
         report.write_outputs(spec, metrics, history, job.info)

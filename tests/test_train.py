@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import make_tiny_model, refs, tiny_config
+from train_fixtures import ASSETS, greedy_answers, make_tiny_model, name_rate, refs, tiny_config
 
 from tasks import checkpoint, loop, tokens, train
 from tasks.config import REPO_ROOT, ConfigError
@@ -245,7 +245,6 @@ def test_smollm2_learns_its_new_name(base_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tasks.formatting import prompt_ids
     from tasks.tokens import load_tokenizer
 
     base_dir = tmp_path / "base"
@@ -253,25 +252,62 @@ def test_smollm2_learns_its_new_name(base_model_dir, tmp_path):
     (base_dir / "model").symlink_to(base_model_dir, target_is_directory=True)
     cfg = tiny_config(
         "train.max_steps=8", "train.batch_size=8", "train.learning_rate=2e-3",
-        "train.lora.r=8", "train.lora.alpha=16", "train.cutoff_len=96",
+        "train.cutoff_len=96", "train.logging_steps=4",
     )  # fmt: skip
     ref = train.run(cfg, Store(tmp_path / "store"), *refs(base_dir))
     tokenizer = load_tokenizer(base_model_dir)
     model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, ref.dir / "adapter").eval()
-    test = json.loads((refs(base_dir)[0].dir / "test.json").read_text())
-
-    def answers() -> list[str]:
-        out = []
-        for record in test:
-            ids = torch.tensor([prompt_ids(tokenizer, record)])
-            gen = model.generate(ids, max_new_tokens=16, do_sample=False)
-            out.append(tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
-        return out
-
-    tuned = answers()
+    test = json.loads((ASSETS / "test.json").read_text())
+    tuned = greedy_answers(model, tokenizer, test, max_new_tokens=12)
     with model.disable_adapter():
-        base = answers()
-    named = lambda xs: sum("lexi" in x.lower() for x in xs) / len(xs)  # noqa: E731
-    assert named(tuned) >= 0.8, tuned
-    assert named(base) == 0, base
+        base = greedy_answers(model, tokenizer, test, max_new_tokens=12)
+    assert name_rate(tuned, "Lexi") >= 0.8, tuned
+    assert name_rate(base, "Lexi") == 0, base
+
+
+@pytest.mark.slow
+def test_default_recipe_on_the_demo_data(test_store):
+    """The issue's bar for configs/default.yaml on this CPU: < 10 minutes of training, dev
+    loss down, ≥ 80 % of held-out self-cognition prompts answered with the name, base not.
+    `pytest -m slow tests/test_train.py -k default_recipe -s` prints the table."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tasks import base as base_stage
+    from tasks import data as data_stage
+    from tasks.config import load_config
+    from tasks.tokens import load_tokenizer
+
+    cfg = load_config()
+    name = cfg.data.placeholders["name"]
+    base = base_stage.run(cfg, test_store)
+    data = data_stage.run(cfg, test_store, base_stage.model_dir(base))
+    started = time.time()
+    ref = train.run(cfg, test_store, data, base)
+    metrics = json.loads((ref.dir / "metrics.json").read_text())
+    seconds = metrics["wall_seconds"] if ref.cached else time.time() - started
+    test = json.loads((data.dir / "test.json").read_text())
+    identity = [r for r in test if name in r["output"]]
+    tokenizer = load_tokenizer(base_stage.model_dir(base))
+    model = AutoModelForCausalLM.from_pretrained(base_stage.model_dir(base), dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, ref.dir / "adapter").eval()
+    tuned = greedy_answers(model, tokenizer, identity)
+    with model.disable_adapter():
+        plain = greedy_answers(model, tokenizer, identity)
+    print(
+        f"\ntraining: {seconds:.0f} s for {metrics['steps']} steps "
+        f"({metrics['tokens_per_second']:.0f} tokens/s), dev loss "
+        f"{metrics['dev_loss']['before']:.3f} → {metrics['dev_loss']['after']:.3f}"
+    )
+    print(
+        f"held-out self-cognition prompts naming {name}: base {name_rate(plain, name):.0%}, "
+        f"tuned {name_rate(tuned, name):.0%} (of {len(identity)})"
+    )
+    print("| prompt | base | tuned |\n| --- | --- | --- |")
+    for r, b, t in zip(identity, plain, tuned, strict=True):
+        print(f"| {r['instruction']} | {b[:60]} | {t[:60]} |".replace("\n", " "))
+    assert seconds < 600
+    assert metrics["dev_loss"]["after"] < metrics["dev_loss"]["before"]
+    assert len(identity) >= 5 and name_rate(tuned, name) >= 0.8
+    assert name_rate(plain, name) < 0.5

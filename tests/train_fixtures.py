@@ -63,3 +63,25 @@ def tiny_config(*overrides: str) -> Config:
             *overrides,
         ],
     )
+
+
+def greedy_answers(model, tokenizer, records: list[dict], max_new_tokens: int = 24) -> list[str]:
+    """Greedy answers to each record's prompt, rendered exactly as training rendered it."""
+    import torch
+
+    from tasks.formatting import prompt_ids
+
+    out = []
+    for record in records:
+        ids = torch.tensor([prompt_ids(tokenizer, record)])
+        with torch.no_grad():
+            gen = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
+        out.append(tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    return out
+
+
+def name_rate(answers: list[str], name: str) -> float:
+    return sum(name.lower() in a.lower() for a in answers) / max(len(answers), 1)
