@@ -85,9 +85,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    from flows.deploy import require_server
     from flows.watch import watch
 
     cfg = load_config(args.config, args.set)
+    require_server()  # events need a server to go to
     watch(
         Path(args.dir),
         interval=args.interval,

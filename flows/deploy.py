@@ -30,7 +30,8 @@ def require_server() -> str:
     url = PREFECT_API_URL.value()
     if not url:
         raise UserError(
-            "no Prefect server to deploy to (fix: `llmft server` in another shell, then "
+            "PREFECT_API_URL is not set: deployments and dataset events need a Prefect server "
+            "(fix: `llmft server` in another shell, then "
             "`export PREFECT_API_URL=http://127.0.0.1:4200/api`)"
         )
     return url

@@ -2,7 +2,8 @@
 
 The first run computes every stage (the bundled base is linked in from the shared test
 store); the second is all cache hits; a training-only change re-runs train and what
-follows, never data or base.
+follows, never data or base (slow here: test_retry_ui.py checks the same in make test
+on the way to its failure).
 """
 
 import json
@@ -106,6 +107,7 @@ def test_second_run_is_all_cache_hits_in_under_30_seconds(first_run, tiny_pipeli
     assert summary["run_id"] in out and summary["served_gguf"] in out
 
 
+@pytest.mark.slow  # a second full training; make test covers this in test_retry_ui.py
 def test_a_training_change_reruns_train_and_after_but_not_data_or_base(first_run, tiny_pipeline):
     first = first_run[0]["stages"]
     cfg = load_config(None, [*tiny_pipeline["overrides"], "train.learning_rate=5.0e-4"])

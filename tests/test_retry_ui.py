@@ -3,7 +3,8 @@
 Against a real `prefect server start`: `llmft run` with the export fault switch on fails
 at export; `prefect flow-run retry` (what the UI's Retry button asks for) re-runs the same
 flow run with the same parameters and the switch off. Training, evaluation and merge done
-by the failed attempt come back from the store.
+by the failed attempt (a training-only change from the tiny recipe, so base and data come
+from the store and train, evaluate and merge are computed) come back from the store.
 """
 
 import json
@@ -15,10 +16,14 @@ from pathlib import Path
 import pytest
 from prefect_api import api, flow_runs
 
+from tasks import base, data
+from tasks.config import load_config
+from tasks.store import Store
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1800)
 def test_retry_after_a_failed_export_recomputes_nothing_before_it(prefect_server, tiny_pipeline):
     env = dict(prefect_server)
     # A training seed no other test uses: the failing attempt computes train, evaluate, merge.
@@ -29,7 +34,7 @@ def test_retry_after_a_failed_export_recomputes_nothing_before_it(prefect_server
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=500,
+        timeout=900,
     )
     assert failing.returncode != 0
     assert "failed on purpose" in failing.stdout + failing.stderr
@@ -38,7 +43,15 @@ def test_retry_after_a_failed_export_recomputes_nothing_before_it(prefect_server
     attempt = json.loads(summary_file.read_text())
     assert attempt["status"] == "running"  # written up to the stage that failed
     assert list(attempt["stages"]) == ["base", "data", "train", "evaluate", "merge"]
-    assert not attempt["stages"]["train"]["cached"]
+    # Only a training setting changed: base and data are the tiny recipe's, from the store;
+    # train and everything after it were computed by this attempt.
+    tiny = load_config(None, tiny_pipeline["overrides"])
+    base_key = base.key(tiny)
+    assert attempt["stages"]["base"]["key"] == base_key and attempt["stages"]["base"]["cached"]
+    base_ref = Store(tiny_pipeline["store"]).lookup("base", base_key)
+    assert attempt["stages"]["data"]["key"] == data.key(tiny, base.model_dir(base_ref))
+    for name in ("train", "evaluate", "merge"):
+        assert not attempt["stages"][name]["cached"], name
 
     retry_env = {k: v for k, v in env.items() if k != "LLMFT_FAIL_STAGE"}
     assert "LLMFT_FAIL_STAGE" not in os.environ
@@ -49,7 +62,7 @@ def test_retry_after_a_failed_export_recomputes_nothing_before_it(prefect_server
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=500,
+        timeout=900,
     )
     assert retry.returncode == 0, retry.stdout + retry.stderr
     assert "completed successfully" in retry.stdout

@@ -45,8 +45,19 @@ def test_prefect_yaml_trigger_is_the_served_trigger():
     assert by_name["nightly"]["schedules"][0]["cron"] == "0 2 * * *"
 
 
-@pytest.mark.timeout(600)
-def test_new_dataset_starts_a_pipeline_run(prefect_server, tiny_pipeline, tmp_path):
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize(
+    "new_record",
+    [
+        # The session's dataset bytes under a new name: the triggered run finds every
+        # stage in the store (content, not the path, is what the keys hash).
+        False,
+        # One more record: a new dataset version, so every stage from data on runs.
+        pytest.param(True, marks=pytest.mark.slow),
+    ],
+    ids=["same-content", "new-content"],
+)
+def test_new_dataset_starts_a_pipeline_run(prefect_server, tiny_pipeline, tmp_path, new_record):
     env = prefect_server
     watched = tmp_path / "incoming"
     watched.mkdir()
@@ -68,8 +79,12 @@ def test_new_dataset_starts_a_pipeline_run(prefect_server, tiny_pipeline, tmp_pa
 
         # The "upload": written under a temporary name, renamed when complete.
         dataset = watched / "arrived.jsonl"
-        shutil.copy(tiny_pipeline["dataset"], watched / ".arrived.jsonl.part")
-        (watched / ".arrived.jsonl.part").rename(dataset)
+        part = watched / ".arrived.jsonl.part"
+        shutil.copy(tiny_pipeline["dataset"], part)
+        if new_record:
+            with open(part, "a") as f:
+                f.write('{"instruction": "What is 3 + 4?", "input": "", "output": "7."}\n')
+        part.rename(dataset)
         store_set = ["--set", f"pipeline.store={tiny_pipeline['store']}"]
         sensor = llmft(
             "watch", "--dir", str(watched), "--once", "--stable", "0.5", *store_set, env=env
@@ -77,9 +92,13 @@ def test_new_dataset_starts_a_pipeline_run(prefect_server, tiny_pipeline, tmp_pa
         assert sensor.returncode == 0, sensor.stderr
         assert "llmft.dataset.arrived" in sensor.stdout
 
+        def runs_for_this_dataset() -> list[dict]:
+            runs = flow_runs(env, deployment_id={"any_": [deployment["id"]]})
+            return [r for r in runs if r["parameters"].get("dataset") == str(dataset)]
+
         run = wait_for(
-            lambda: _finished(flow_runs(env, deployment_id={"any_": [deployment["id"]]})),
-            timeout=420,
+            lambda: _finished(runs_for_this_dataset()),
+            timeout=1500,
             every=3,
             what="triggered pipeline run finished",
         )
@@ -92,6 +111,8 @@ def test_new_dataset_starts_a_pipeline_run(prefect_server, tiny_pipeline, tmp_pa
         )
         assert summary["status"] == "completed" and Path(summary["served_gguf"]).is_file()
         assert summary["config"]["data"]["input"] == str(dataset)
+        assert summary["stages"]["data"]["cached"] is not new_record
+        assert summary["stages"]["train"]["cached"] is not new_record
 
         # The same version seen again (a restarted sensor): no event, no second run.
         again = llmft(
@@ -99,7 +120,7 @@ def test_new_dataset_starts_a_pipeline_run(prefect_server, tiny_pipeline, tmp_pa
         )
         assert again.returncode == 0 and "llmft.dataset.arrived" not in again.stdout
         time.sleep(5)
-        assert len(flow_runs(env, deployment_id={"any_": [deployment["id"]]})) == 1
+        assert len(runs_for_this_dataset()) == 1
     finally:
         server.terminate()
         server.wait(timeout=60)
