@@ -19,6 +19,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -113,7 +114,7 @@ class Prepared:
     positions: array  # line or row of each record in the batch
     index: array  # batch index of each surviving record
     original: Callable[[int], Any]  # batch index → the record as read
-    blob: pa.Buffer | bytearray  # the surviving records' canonical JSON, back to back
+    blob: pa.Buffer | bytearray | Path  # the kept records' canonical JSON, back to back
     ends: array  # where each one ends in `blob`
     splits: bytes  # 0 train, 1 dev, 2 test
     fingerprints: bytes  # 16 bytes of xxh3-128 of each JSON: a false match has odds 2**-128

@@ -20,6 +20,7 @@ import gc
 import multiprocessing
 import os
 import sys
+import tempfile
 import threading
 from array import array
 from collections import Counter, deque
@@ -87,7 +88,11 @@ class Splitter:
         rejected, fingerprints = p.rejected, p.fingerprints
         cap = self.cfg.max_samples
         parts: tuple[list, list, list] = ([], [], [])  # texts for train, dev, test
-        view, start = memoryview(p.blob), 0
+        blob = p.blob
+        if isinstance(blob, Path):  # spooled by a worker process
+            spooled, blob = blob, blob.read_bytes()
+            spooled.unlink()
+        view, start = memoryview(blob), 0
         for i, (end, split) in enumerate(zip(p.ends, p.splits, strict=True)):
             text, start = view[start:end], end
             fingerprint = fingerprints[16 * i : 16 * i + 16]
@@ -119,9 +124,16 @@ _worker_tokenizers: dict[str, Any] = {}
 
 
 def _prepare_chunk(
-    path: Path, name: str, cfg: DataConfig, shape: str, span: tuple[int, int], tok: Path | None
+    path: Path,
+    name: str,
+    cfg: DataConfig,
+    shape: str,
+    span: tuple[int, int],
+    tok: Path | None,
+    spool: Path,
 ) -> list[Prepared]:
-    """Worker process: read and prepare the lines in one byte range of a JSON Lines file."""
+    """Worker process: read and prepare the lines in one byte range of a JSON Lines file.
+    The JSON goes back through a file in `spool`: one copy, where a pipe makes four."""
     gc.disable()  # this process only ever runs this (see _without_cycle_collector)
     tokenizer = None
     if tok is not None:
@@ -132,6 +144,9 @@ def _prepare_chunk(
     for batch in read_jsonl(path, name, cfg, shape, *span):
         p = prepare(batch, cfg, tokenizer)
         p.original = LineAt(path, array("q", batch.offsets or []))  # offsets travel, not records
+        blob_file = spool / f"{span[0]}-{len(prepared)}.json"
+        blob_file.write_bytes(p.blob)
+        p.blob = blob_file
         prepared.append(p)
     return prepared
 
@@ -148,13 +163,19 @@ def _parallel_jsonl(
     safe = "forkserver" if "forkserver" in methods else "spawn"
     method = "fork" if "fork" in methods and threading.active_count() == 1 else safe
     base = 0
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+    context = multiprocessing.get_context(method)
+    with (
+        tempfile.TemporaryDirectory(prefix="llmft-data-") as spool_dir,
+        ProcessPoolExecutor(workers, mp_context=context) as pool,
+    ):
+        spool = Path(spool_dir)
         pending: deque = deque()
         spans_left = deque(spans)
         while spans_left or pending:
             while spans_left and len(pending) < 2 * workers:  # bounded: memory stays flat
                 span = spans_left.popleft()
-                pending.append(pool.submit(_prepare_chunk, path, name, cfg, shape, span, tok))
+                task = (path, name, cfg, shape, span, tok, spool)
+                pending.append(pool.submit(_prepare_chunk, *task))
             chunk = pending.popleft().result()
             for p in chunk:
                 yield p, base
