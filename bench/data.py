@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/data.py [--records 1000000] [--workdir DIR]
 
-Writes a JSON Lines file of alpaca records with realistic lengths (instruction ~80
-characters, input on 40 % of records, output ~450 characters, a fifth in Chinese), 5 % of
-them dirty, then runs, each in its own child process:
+Writes a JSON Lines file of alpaca records with realistic lengths (on average: instruction
+120 characters, input on 40 % of records, output 360 characters; a fifth in Chinese; 640
+bytes a line), 5 % of them dirty, then runs, each in its own child process:
 
 - `llmft data --input FILE --output-dir DIR` (all of it: parse, clean, dedupe, split, write);
 - the usual `datasets` recipe: load_dataset("json") → map(clean) → filter(empty, too long)
@@ -15,7 +15,8 @@ them dirty, then runs, each in its own child process:
 Records/s counts the records of each pipeline's own input file over wall-clock time, the
 process start included; CPU s adds user and system time of the process and its workers;
 peak memory is the highest sum of PSS (resident memory, pages shared between processes
-counted once) over the process and its children, sampled every 50 ms. Not a test: it prints a table.
+counted once) over the process and its children, sampled every 50 ms. Not a test: it
+prints a table.
 """
 
 from __future__ import annotations
