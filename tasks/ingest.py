@@ -145,6 +145,10 @@ def jsonl_shape(path: Path, cfg: DataConfig) -> str:
                     continue
                 if isinstance(record, dict):
                     keys.update(record.keys())
+    if not keys:
+        raise DataError(
+            f"{path}: no JSON object in its first {SHAPE_SAMPLE} lines (not JSON Lines?)"
+        )
     return detect_shape(path, [k for k, _ in keys.most_common()], cfg)
 
 

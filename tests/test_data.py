@@ -302,6 +302,7 @@ def test_a_folder_reads_every_dataset_and_ignores_other_files(tmp_path):
         (lambda d: _write(d / "obj.json", '{"data": 1}\n'), "no prompt/response columns"),
         (lambda d: _write(d / "header.csv", "instruction,output\n"), "holds no records"),
         (lambda d: _write(d / "notes.txt", "hello"), "unknown format"),
+        (lambda d: _write(d / "table.jsonl", "a,b\n1,2\n"), "no JSON object in its first"),
         (lambda d: _write(d / "sub" / "README.md", "x").parent, "no dataset files"),
     ],
 )
