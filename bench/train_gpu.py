@@ -345,6 +345,8 @@ def run_levers(args: argparse.Namespace) -> dict:
         if "loss" in levers else "off", liger=liger, fused_adamw=dev == "cuda",
         compile=False, gradient_checkpointing="ckpt" in levers, token_budget=BATCH * CUTOFF,
     )  # fmt: skip
+    if "budget" in levers:  # micro-batches sized to GPU memory, as the training stage does
+        plan.token_budget = fastpath.token_budget(model, cfg, torch.device(dev))
     if plan.liger:
         fastpath.apply_liger(model)
     if plan.attention == fastpath.ATTN_NAME:
@@ -360,7 +362,13 @@ def run_levers(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     ends, losses, tokens = [], [], []
     model.train()
+    prof = None
     for step in range(args.steps):
+        if args.profile and step == args.steps - 1:  # the last step, after the timed ones
+            from torch.profiler import ProfilerActivity, profile
+
+            prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            prof.__enter__()
         records = [rows[i] for i in order[step * per_step : (step + 1) * per_step]]
         micro = fastpath.micro_batches(records, plan, BATCH, 2, dev)
         n = sum(b["num_targets"] for b in micro)
@@ -376,9 +384,15 @@ def run_levers(args: argparse.Namespace) -> dict:
         losses.append(float(total))  # one sync per step, as the training stage logs
         ends.append(time.perf_counter())
         tokens.append(sum(len(r["input_ids"]) for r in records))
+    extra = {}
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        ends.pop(), tokens.pop(), losses.pop()  # the profiled step is not timed
+        step_seconds = (ends[-1] - ends[args.warmup - 1]) / (len(ends) - args.warmup)
+        extra = kernel_summary(prof, step_seconds)
     w = args.warmup
     seconds = ends[-1] - ends[w - 1]
-    return {
+    return extra | {
         "tokens_per_second": sum(tokens[w:]) / seconds,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0,
         "losses": losses,
@@ -386,6 +400,25 @@ def run_levers(args: argparse.Namespace) -> dict:
         "timed_tokens": sum(tokens[w:]),
         "micro_batches_per_step": len(micro),
         "fastpath": plan.describe(),
+    }
+
+
+def kernel_summary(prof, step_seconds: float) -> dict:
+    """GPU kernel time of one step against an unprofiled step's wall time, top kernels."""
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    busy = sum(e.self_device_time_total for e in events) / 1e6
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:10]
+    ops = sum(e.count for e in prof.key_averages() if e.device_type.name == "CPU"
+              and e.key.startswith("aten::"))  # fmt: skip
+    return {
+        "step_seconds": step_seconds,
+        "gpu_kernel_seconds": busy,
+        "gpu_busy_fraction": busy / step_seconds,
+        "aten_ops_per_step": ops,
+        "kernel_launches_per_step": sum(e.count for e in events),
+        "top_kernels": [
+            (e.key[:70], round(e.self_device_time_total / 1e3, 2), e.count) for e in top
+        ],
     }
 
 
@@ -441,7 +474,7 @@ def run_llmft(model_dir: Path, tokens: Path, method: str, work: Path, args, **ex
         "losses": [h["loss"] for h in steps],
         "timed_seconds": seconds,
         "timed_tokens": sum(tokens),
-        "fastpath": metrics.get("fastpath"),
+        "fastpath": metrics.get("fast_path"),
     }
 
 
@@ -467,7 +500,9 @@ def run_row(kind: str, model: str, method: str, paths: dict, args, **extra) -> d
                 "--steps", str(args.steps), "--warmup", str(args.warmup),
             ]  # fmt: skip
             if kind == "levers":
-                cmd += ["--levers", extra["levers"]]
+                cmd += ["--levers", extra["levers"]] + (
+                    ["--profile"] if extra.get("profile") else []
+                )
             with open(work / "child.log", "w") as f:
                 proc = subprocess.run(
                     cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=args.row_timeout
@@ -513,14 +548,14 @@ def table(rows: list[dict], ceiling: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="smollm2,1b")
+    p.add_argument("--models", default="1b,smollm2")
     p.add_argument("--methods", default="lora,qlora,full")
     p.add_argument("--steps", type=int, default=13)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/llmft-bench"))
     p.add_argument("--work", default="/tmp/llmft-bench-work")
     p.add_argument("--tokenizer", default=str(REPO / ".bench" / "tok"))
-    p.add_argument("--row-timeout", type=int, default=300)
+    p.add_argument("--row-timeout", type=int, default=150)
     p.add_argument("--noise", action="store_true", help="also run llmft lora with seed+1")
     p.add_argument(
         "--ladder",
@@ -528,6 +563,11 @@ def main() -> None:
         help="instead of the stage rows: each lever added in turn in a plain loop",
     )
     p.add_argument("--levers", help=argparse.SUPPRESS)  # child mode: the lever set
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one step of the fast path on LoRA (GPU busy fraction, top kernels)",
+    )
     # child mode (one baseline row)
     p.add_argument("--child", action="store_true")
     p.add_argument("--method")
@@ -560,10 +600,13 @@ def main() -> None:
                      if m in methods]  # fmt: skip
         else:
             plan += [("llmft", m, m, {}) for m in methods]
-        if "qlora" in methods and not args.ladder:
+        if "qlora" in methods and not args.ladder and model == "1b":  # the memory target's row
             plan.append(("llmft", "qlora", "qlora+ckpt", {"gradient_checkpointing": True}))
         if args.noise:
             plan.append(("llmft", "lora", "lora seed+1", {"seed": SEED + 1}))
+        if args.profile and model == "1b" and "lora" in methods:
+            lv = "pack,lora,loss,liger,budget"
+            plan.append(("levers", "lora", f"lora {lv} (profiled)", {"levers": lv, "profile": 1}))
         for impl, method, label, extra in plan:
             extra = dict(extra)
             if label != method:

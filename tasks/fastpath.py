@@ -9,7 +9,7 @@ The levers, and the switch behind each (`train.*` in the config):
 | lever                                                         | switch                      |
 | ------------------------------------------------------------- | --------------------------- |
 | padding-free rows, varlen flash attention keyed on record boundaries | `packing` (GPU recipes: on) |
-| micro-batches filled to a token budget (batch_size × cutoff_len) | `packing`                |
+| micro-batches filled to a token budget sized to GPU memory    | `packing`                   |
 | LoRA as one autograd function: low-rank update added in the GEMM epilogue | `lora.dropout: 0` |
 | loss fused with the LM head, only at labelled positions        | always on CUDA              |
 | Liger RMSNorm, SwiGLU, RoPE (and its fused linear CE)          | `liger: auto`               |
@@ -144,32 +144,62 @@ def varlen_attention(
 def _attention_interface(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
 ):
-    """transformers attention function: varlen on packed rows, SDPA on anything else."""
-    cu = kwargs.get("cu_seq_lens_q")
+    """transformers attention function: varlen on packed rows, SDPA on anything else.
+
+    Record boundaries come as `cu_seq_lens_q` from `loss_sum`; a packed row that arrives
+    without them (no mask, positions restarting at 0) has them derived from its
+    position_ids (one device sync per layer: correct, not fast).
+    """
+    cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu is None and attention_mask is None and query.shape[0] == 1 and query.shape[2] > 1:
+        cu, max_len = _boundaries(kwargs.get("position_ids"), query.shape[2])
     if cu is None or query.shape[0] != 1:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    if torch.is_autocast_enabled(query.device.type):
+        # an fp32 residual stream (full fine-tuning, k-bit prepared bases) makes RoPE's
+        # q, k fp32; flash takes bf16/fp16, as SDPA would under autocast
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     # transformers hands (1, H, T, D); flash wants (T, H, D) with the last dim contiguous.
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    out = varlen_attention(q, k, v, cu, int(kwargs["max_length_q"]), scaling)
+    out = varlen_attention(q, k, v, cu, int(max_len), scaling)
     return out.unsqueeze(0), None  # (1, T, H, D), as sdpa_attention_forward returns
+
+
+def _boundaries(position_ids: Any, length: int) -> tuple[Any, int | None]:
+    """cu_seq_lens of a packed row from its position_ids (records restart at 0)."""
+    if position_ids is None:
+        return None, None
+    starts = (position_ids[0] == 0).nonzero().flatten()
+    if starts.numel() < 2:
+        return None, None  # one sequence: plain causal attention is right
+    end = torch.tensor([length], device=starts.device)
+    cu = torch.cat([starts, end]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 def register_attention() -> None:
     """Make `llmft_varlen` an attention implementation transformers can dispatch to.
 
-    Its mask function is SDPA's, so a padded batch (evaluation, generation) still gets a
-    correct mask; on packed rows the mask is built but unused (one bool T×T per forward,
-    ~0.1 ms), since the record boundaries travel as `cu_seq_lens_q`.
+    A padded batch (evaluation, generation) gets SDPA's mask. A row without padding gets
+    none: packed rows carry their boundaries as `cu_seq_lens_q` (or position_ids), and
+    building transformers' block-diagonal T×T mask for them would cost T² bytes and
+    int64 temporaries of 8·T² (2 GiB each at T = 16 k) for nothing.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+    def mask(*args: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
+        if attention_mask is None:
+            return None
+        return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
     AttentionInterface.register(ATTN_NAME, _attention_interface)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, mask)
 
 
 def set_attention(model: Any, name: str) -> str:
@@ -470,6 +500,28 @@ def activation_bytes(config: Any, tokens: int) -> int:
     return int(per_token * tokens * 1.2)  # 20% for what the count leaves out
 
 
+def token_budget(model: Any, train_cfg: Any, device: torch.device) -> int:
+    """Tokens per micro-batch: as many as 60% of the GPU holds after weights, gradients and
+    AdamW states, capped by a step's worst case (batch_size × grad_accum × cutoff_len),
+    and never below batch_size × cutoff_len (what a padded micro-batch may hold).
+
+    Why big: per micro-batch the host issues ~10 k kernel launches whatever its size; at
+    8 k tokens a 1B model's step on an H100 waited on the host (bench/NOTES.md), so
+    fewer, fuller micro-batches buy speed. The maths is unchanged: the loss is a token
+    mean over the whole step however its tokens are split.
+    """
+    floor = train_cfg.batch_size * train_cfg.cutoff_len
+    if device.type != "cuda":
+        return floor
+    total = torch.cuda.get_device_properties(device).total_memory
+    base = _unwrap(model)
+    weights = sum(p.numel() * p.element_size() for p in base.parameters())
+    trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
+    spare = 0.6 * total - weights - 12 * trainable
+    fit = int(spare / max(1, activation_bytes(base.config, 1))) if spare > 0 else 0
+    return max(floor, min(fit, floor * train_cfg.grad_accum))
+
+
 def needs_checkpointing(model: Any, tokens: int, device: torch.device) -> bool:
     """True when weights, gradients and AdamW states plus one micro-batch's activations
     would exceed 90% of the GPU's memory."""
@@ -494,6 +546,8 @@ def prepare(
     """
     device = torch.device(device)
     plan = make_plan(train_cfg, device, model, deepspeed)
+    if plan.batches and plan.rows is None:
+        plan.token_budget = token_budget(model, train_cfg, device)
     if plan.liger:
         apply_liger(model)
     if plan.attention == ATTN_NAME:

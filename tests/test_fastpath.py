@@ -70,14 +70,19 @@ def test_pack_resets_positions_and_never_shifts_labels_across_records():
     assert b["num_tokens"] == 5 and b["max_length_q"] == 3
 
 
-@pytest.mark.parametrize("attention", ["sdpa", fastpath.ATTN_NAME])
-def test_packed_row_has_no_attention_across_records(attention):
+@pytest.mark.parametrize(
+    "attention,boundaries",
+    [("sdpa", True), (fastpath.ATTN_NAME, True), (fastpath.ATTN_NAME, False)],
+)
+def test_packed_row_has_no_attention_across_records(attention, boundaries):
     model = tiny_llama()
     fastpath.set_attention(model, attention)
     recs = records(3, seed=2)
     alone = [model(input_ids=torch.tensor([r["input_ids"]])).logits[0] for r in recs]
     b = packing.pack(recs)
-    kwargs = {k: b[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    keys = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    # without them, llmft_varlen reads the boundaries from the position_ids
+    kwargs = {k: b[k] for k in keys} if boundaries else {}
     # use_cache=False matters: with a cache transformers stops reading record boundaries
     # from position_ids, and SDPA would attend across records
     packed = model(
@@ -124,11 +129,14 @@ def _plan(fused_loss: str, attention: str = "sdpa") -> fastpath.Plan:
     )
 
 
-@pytest.mark.parametrize("fused_loss", ["off", "chunked"])
-def test_packed_and_padded_batches_give_the_same_loss_and_gradients(fused_loss):
+@pytest.mark.parametrize(
+    "fused_loss,attention", [("off", "sdpa"), ("chunked", "sdpa"), ("chunked", fastpath.ATTN_NAME)]
+)
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(fused_loss, attention):
     model = tiny_llama().train()
+    fastpath.set_attention(model, attention)  # llmft_varlen: padded rows still get a mask
     recs = records(6, seed=3)
-    plan = _plan(fused_loss)
+    plan = _plan(fused_loss, attention)
     losses, grads = [], []
     for batch in (packing.pack(recs), packing.pad(recs, pad_id=0)):
         model.zero_grad()
