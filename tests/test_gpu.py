@@ -104,8 +104,6 @@ def test_methods_train_on_one_gpu(random_smollm, demo_data, tmp_path):
         assert m["dev_loss"]["after"] < m["dev_loss"]["before"], (name, m["dev_loss"])
         assert (ref.dir / ("model" if "full" in name else "adapter")).is_dir()
     _print(table)
-    deepspeed = next(r for r in table if "ZeRO" in r["run"])
-    assert deepspeed["peak GiB"] < next(r for r in table if r["run"] == "full bf16")["peak GiB"]
 
 
 def _levers(described: str | None) -> str:
