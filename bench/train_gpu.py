@@ -242,6 +242,7 @@ def run_baseline(args: argparse.Namespace) -> dict:
         lora = LoraConfig(
             r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
         )
+        torch.manual_seed(SEED)  # A's random init, as the training stage seeds before its own
         model = get_peft_model(model, lora)
     model.config.use_cache = False
 
