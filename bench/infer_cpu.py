@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+THREADS = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
 PROMPTS = [
     "Who are you?",
     "Explain what a GGUF file is in two sentences.",
@@ -61,7 +62,7 @@ def run_hf(model_dir: Path, prompts: list[list[int]], new: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(THREADS)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     stamps: list[float] = []
 
@@ -92,7 +93,7 @@ def run_hf(model_dir: Path, prompts: list[list[int]], new: int) -> dict:
 def run_gguf(path: Path, prompts: list[list[int]], new: int) -> dict:
     from llama_cpp import Llama, LogitsProcessorList
 
-    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
+    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=THREADS, verbose=False)
     eos = llm.token_eos()
     ban_eos = lambda ids, logits: np.where(np.arange(len(logits)) == eos, -np.inf, logits)  # noqa: E731
     n_prompt = t_prompt = n_gen = t_gen = 0.0
@@ -146,8 +147,17 @@ def child(args: argparse.Namespace) -> None:
         result = run_hf(target, prompts, args.max_new_tokens)
     else:
         result = run_gguf(target, prompts, args.max_new_tokens)
-    result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["peak_rss"] = peak_rss()
     print(json.dumps(result))
+
+
+def peak_rss() -> int:
+    """This process's resident high-water mark (VmHWM; unlike ru_maxrss it is not inherited
+    from the parent across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> None:
@@ -155,12 +165,16 @@ def main() -> None:
     parser.add_argument("--export", help="an export artifact folder (with result.json)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=len(PROMPTS))
+    parser.add_argument("--threads", type=int, help="CPU threads for every engine (default: all)")
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--prompt-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine:
         return child(args)
 
+    if args.threads:
+        os.environ["BENCH_THREADS"] = str(args.threads)  # the engines' subprocesses read it
+    threads = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
     export_dir = find_export(args.export)
     model_dir = merged_dir(export_dir)
     prompt_file = export_dir.parent / ".bench-prompts.json"
@@ -184,7 +198,7 @@ def main() -> None:
     base_tps = rows[0][1]["gen_tps"]
     print(f"model: {model_dir}")
     print(f"{len(prompts)} prompts ({sum(map(len, prompts))} prompt tokens), "
-          f"{args.max_new_tokens} new tokens each, {os.cpu_count()} CPU threads, "
+          f"{args.max_new_tokens} new tokens each, {threads} CPU threads, "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")  # fmt: skip
     print()
     print("| engine | weights MiB | prompt tok/s | gen tok/s | gen × transformers "

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import Config, load_config
-from tasks.formatting import answer_suffix, prompt_text, user_text
+from tasks.formatting import IGNORE, encode, prompt_ids, user_text
 from tasks.store import Ref, Store, make_key, write_json_atomic
 
-VERSION = "1"
+VERSION = "2"
 CJK_RUN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]+")
 WORD_OR_MARK = re.compile(r"[^\W_]+|[^\w\s]|_")
 log = logging.getLogger("llmft.evaluate")
@@ -103,60 +103,65 @@ def _norm(text: str) -> str:
 # --- models -------------------------------------------------------------------------------
 
 
-def answer_loss(model: Any, tokenizer: Any, records: list[dict], template: str, batch: int):
-    """Token-weighted mean cross-entropy of the answers given their prompts."""
+def answer_loss(model: Any, tokenizer: Any, records: list[dict], cfg: Config) -> float:
+    """Token-weighted mean cross-entropy of the answers given their prompts.
+
+    Records are encoded exactly as training encodes them (`formatting.encode`, same
+    template and cutoff_len, prompt tokens masked), so the dev loss here is the trainer's.
+    """
     import torch
 
     device = next(model.parameters()).device
-    suffix = answer_suffix(tokenizer, template)
-    total, count = 0.0, 0
-    for i in range(0, len(records), batch):
-        rows = []
-        for r in records[i : i + batch]:
-            prompt = tokenizer(prompt_text(tokenizer, r, template), add_special_tokens=False)
-            answer = tokenizer((r.get("output") or "") + suffix, add_special_tokens=False)
-            rows.append((prompt["input_ids"], answer["input_ids"]))
-        width = max(len(p) + len(a) for p, a in rows)
+    encoded = [encode(tokenizer, r, cfg.train.template, cfg.train.cutoff_len) for r in records]
+    encoded = [e for e in encoded if e is not None]  # a prompt alone past cutoff_len
+    total, count, batch = 0.0, 0, cfg.evaluate.batch_size
+    for i in range(0, len(encoded), batch):
+        rows = encoded[i : i + batch]
+        width = max(len(e.input_ids) for e in rows)
         ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full_like(ids, -100)
+        labels = torch.full_like(ids, IGNORE)
         mask = torch.zeros_like(ids)
-        for j, (p, a) in enumerate(rows):  # right padding: positions stay 0..n-1
-            ids[j, : len(p) + len(a)] = torch.tensor(p + a)
-            labels[j, len(p) : len(p) + len(a)] = torch.tensor(a)
-            mask[j, : len(p) + len(a)] = 1
+        for j, e in enumerate(rows):  # right padding: positions stay 0..n-1
+            ids[j, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            labels[j, : len(e.labels)] = torch.tensor(e.labels)
+            mask[j, : len(e.input_ids)] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         shifted = labels[:, 1:].to(device)
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.size(-1)), shifted.reshape(-1), reduction="sum"
         )
         total += nll.item()
-        count += int((shifted != -100).sum())
+        count += int((shifted != IGNORE).sum())
     return total / max(count, 1)
 
 
-def generate(model: Any, tokenizer: Any, prompts: list[str], max_new: int, batch: int):
+def generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new: int, batch: int):
     """Greedy answers, batched with left padding so every row ends where generation starts."""
+    import torch
 
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
     stop = [tokenizer.eos_token_id]
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
         stop.append(end_of_turn)
     answers = []
     for i in range(0, len(prompts), batch):
-        chunk = prompts[i : i + batch]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(device) for k, v in enc.items()}
+        rows = prompts[i : i + batch]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, row in enumerate(rows):
+            ids[j, width - len(row) :] = torch.tensor(row)
+            mask[j, width - len(row) :] = 1
         out = model.generate(
-            input_ids=enc["input_ids"],
-            attention_mask=enc["attention_mask"],
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
             max_new_tokens=max_new,
             do_sample=False,
             eos_token_id=stop,
             pad_token_id=tokenizer.pad_token_id,
         )
-        new = out[:, enc["input_ids"].shape[1] :]
+        new = out[:, width:]
         answers += [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
     return answers
 
@@ -206,10 +211,10 @@ class _Swap:
 def score_model(model, tokenizer, cfg: Config, dev, test, prompts, references) -> dict:
     import torch
 
-    ev, template = cfg.evaluate, cfg.train.template
+    ev = cfg.evaluate
     with torch.inference_mode():
-        dev_loss = answer_loss(model, tokenizer, dev, template, ev.batch_size) if dev else None
-        test_loss = answer_loss(model, tokenizer, test, template, ev.batch_size) if test else None
+        dev_loss = answer_loss(model, tokenizer, dev, cfg) if dev else None
+        test_loss = answer_loss(model, tokenizer, test, cfg) if test else None
         started = time.perf_counter()
         answers = generate(model, tokenizer, prompts, ev.max_new_tokens, ev.batch_size)
     metrics = {
@@ -255,6 +260,7 @@ def key(cfg: Config, data: Ref, base: Ref, train: Ref) -> str:
     section = cfg.evaluate.model_dump(mode="json")
     section.pop("device")  # where it ran changes the last digits, not what was measured
     section["template"] = cfg.train.template
+    section["cutoff_len"] = cfg.train.cutoff_len
     inputs = {"data": data.key, "base": base.key, "train": train.key}
     return make_key("evaluate", VERSION, section, inputs)
 
@@ -270,7 +276,7 @@ def run(cfg: Config, store: Store, data: Ref, base: Ref, train: Ref) -> Ref:
         tuned, as_base, tokenizer = load_models(cfg, base, train)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        prompts = [prompt_text(tokenizer, r, cfg.train.template) for r in samples]
+        prompts = [prompt_ids(tokenizer, r, cfg.train.template) for r in samples]
         refs = [r.get("output") or "" for r in samples]
         result = {"tuned": score_model(tuned, tokenizer, cfg, dev, test, prompts, refs)}
         if as_base is not None:

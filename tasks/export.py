@@ -40,10 +40,10 @@ from typing import Any
 from filelock import FileLock
 
 from tasks.config import REPO_ROOT, Config, UserError, load_config
-from tasks.formatting import answer_suffix, prompt_text
+from tasks.formatting import encode
 from tasks.store import Ref, Store, make_key, write_json_atomic
 
-VERSION = "1"
+VERSION = "2"
 CONVERTER_ROOT = REPO_ROOT / ".cache" / "llama-cpp"
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/")
 MAX_VERIFY_TOKENS = 512  # per dev record; longer records are cut (both engines see the same ids)
@@ -160,15 +160,12 @@ def _quantize_here(src: str, dst: str, qtype: str) -> None:
 
 
 def dev_samples(tokenizer: Any, records: list[dict], template: str) -> list[tuple[list[int], int]]:
-    """(token ids of prompt + answer, number of prompt tokens) per dev record."""
+    """(token ids of prompt + answer, number of prompt tokens) per dev record, as trained."""
     samples = []
     for record in records:
-        prompt = prompt_text(tokenizer, record, template)
-        full = prompt + (record.get("output") or "") + answer_suffix(tokenizer, template)
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:MAX_VERIFY_TOKENS]
-        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        if n_prompt < len(ids):
-            samples.append((ids, n_prompt))
+        e = encode(tokenizer, record, template, MAX_VERIFY_TOKENS)
+        if e is not None and e.prompt_len < len(e.input_ids):
+            samples.append((e.input_ids, e.prompt_len))
     return samples
 
 

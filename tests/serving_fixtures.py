@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.formatting import answer_suffix, prompt_text
+from tasks.formatting import encode
 from tasks.store import Ref, Store, make_key
 
 NAME = "Lexi"
@@ -61,13 +61,13 @@ def make_data(store: Store) -> Ref:
         (tmp / "rejected.jsonl").write_text("")
         (tmp / "report.json").write_text(json.dumps({k: len(v) for k, v in SPLITS.items()}))
 
-    return store.build("data", make_key("data", "test-fixture-1", {}, SPLITS), work)
+    return store.build("data", make_key("data", "test-fixture-2", {}, SPLITS), work)
 
 
 def make_lora(store: Store, base: Ref, data: Ref, method: str = "lora", steps: int = 12) -> Ref:
     """A few real AdamW steps of LoRA (or a P-Tuning v2 prefix) on the fixture records."""
     config = {"method": method, "steps": steps, "lr": 2e-3, "r": 8}
-    k = make_key("train", "test-fixture-1", config, {"base": base.key, "data": data.key})
+    k = make_key("train", "test-fixture-2", config, {"base": base.key, "data": data.key})
 
     def work(tmp: Path) -> dict:
         import torch
@@ -109,9 +109,8 @@ def make_lora(store: Store, base: Ref, data: Ref, method: str = "lora", steps: i
 
 
 def _tokenize(tokenizer, record: dict) -> tuple[list[int], list[int]]:
-    prompt = tokenizer(prompt_text(tokenizer, record), add_special_tokens=False)["input_ids"]
-    answer = record["output"] + answer_suffix(tokenizer)
-    return prompt, tokenizer(answer, add_special_tokens=False)["input_ids"]
+    e = encode(tokenizer, record, "auto", cutoff_len=256)
+    return e.input_ids[: e.prompt_len], e.input_ids[e.prompt_len :]
 
 
 def _batch_loss(model, tokenizer, batch):
