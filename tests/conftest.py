@@ -109,8 +109,11 @@ def tiny_pipeline(tmp_path_factory, test_store, base_model_dir) -> dict:
         "train.cutoff_len=128",
         "evaluate.num_samples=2",
         "evaluate.max_new_tokens=16",
+        "evaluate.max_loss_records=4",
         "export.quantize=[q8_0]",
         "export.verify_prompts=2",
+        "export.speed_tokens=8",
+        "export.lora_adapter=false",  # the adapter GGUF has its own tests in test_export.py
         "pipeline.promote_samples=2",
     ]
     key = base.key(load_config(None, overrides))

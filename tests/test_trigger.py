@@ -49,8 +49,9 @@ def test_prefect_yaml_trigger_is_the_served_trigger():
 @pytest.mark.parametrize(
     "new_record",
     [
-        # The session's dataset bytes under a new name: the triggered run finds every
-        # stage in the store (content, not the path, is what the keys hash).
+        # The session's dataset file (same name and bytes) in another folder: the
+        # triggered run finds every stage in the store (keys hash names and contents,
+        # not folders).
         False,
         # One more record: a new dataset version, so every stage from data on runs.
         pytest.param(True, marks=pytest.mark.slow),
@@ -78,8 +79,8 @@ def test_new_dataset_starts_a_pipeline_run(prefect_server, tiny_pipeline, tmp_pa
         wait_for(lambda: _automations(env, deployment["id"]), 60, what="trigger registered")
 
         # The "upload": written under a temporary name, renamed when complete.
-        dataset = watched / "arrived.jsonl"
-        part = watched / ".arrived.jsonl.part"
+        dataset = watched / tiny_pipeline["dataset"].name
+        part = watched / f".{dataset.name}.part"
         shutil.copy(tiny_pipeline["dataset"], part)
         if new_record:
             with open(part, "a") as f:
@@ -167,3 +168,45 @@ def _automations(env, deployment_id: str) -> list[dict]:
 def _finished(runs: list[dict]) -> dict | None:
     done = [r for r in runs if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")]
     return done[0] if done else None
+
+
+@pytest.mark.slow  # a full training on the worker; run on purpose
+@pytest.mark.timeout(1800)
+def test_training_runs_on_the_gpu_pool_when_a_worker_is_online(
+    prefect_server, tiny_pipeline, tmp_path
+):
+    env = prefect_server
+    assert llmft("deploy", env=env, timeout=240).returncode == 0
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "gpu", "--name", "gpu-1"],
+        env=env,
+        cwd=REPO,
+        stdout=open(tmp_path / "worker.log", "w"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(
+            lambda: [
+                w
+                for w in api(env, "POST", "/work_pools/gpu/workers/filter", {})
+                if w["status"] == "ONLINE"
+            ],
+            timeout=120,
+            what="gpu worker online",
+        )
+        sets = [x for s in [*tiny_pipeline["overrides"], "train.seed=11"] for x in ("--set", s)]
+        summary_file = tmp_path / "summary.json"
+        done = llmft("run", *sets, "--summary", str(summary_file), env=env, timeout=1500)
+        assert done.returncode == 0, done.stdout + done.stderr
+        summary = json.loads(summary_file.read_text())
+        assert not summary["stages"]["train"]["cached"]
+        (train_run,) = [
+            r
+            for r in flow_runs(env)
+            if r["deployment_id"] == _deployment(env, "llmft-train", "gpu")["id"]
+        ]
+        assert train_run["state_type"] == "COMPLETED"
+        assert train_run["parameters"]["data"]["key"] == summary["stages"]["data"]["key"]
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
