@@ -22,6 +22,7 @@ import argparse
 import collections
 import importlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -120,6 +121,7 @@ def main() -> int:
     parser.add_argument("--spec", required=True, help="JSON: stage, config, inputs")
     parser.add_argument("--out", required=True, help="where to write the resulting Ref")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the parent logs each line
     spec = json.loads(Path(args.spec).read_text())
     stage = spec["stage"]
     cfg = Config.model_validate(spec["config"])
