@@ -172,6 +172,11 @@ class TrainConfig(Section):
     packing: bool = Field(
         False, description="Pack several records per row without attention across records."
     )
+    group_by_length: bool = Field(
+        False,
+        description="Give each step records of similar length (less padding; the order stays "
+        "seeded and random between steps). Ignored with packing, which pads nothing.",
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
     quant: QuantConfig = Field(default_factory=QuantConfig, description="QLoRA settings.")
     ptuning: PtuningConfig = Field(

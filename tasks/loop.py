@@ -85,24 +85,44 @@ def resolve_precision(cfg: TrainConfig, device: str) -> str:
 # ----------------------------------------------------------------------------- data
 
 
+GROUP_STEPS = 16  # length grouping sorts the records of 16 steps at a time
+
+
 @functools.lru_cache(maxsize=2)
-def epoch_order(n: int, epoch: int, seed: int, per_step: int) -> tuple[int, ...]:
+def epoch_order(
+    n: int, epoch: int, seed: int, per_step: int, lengths: tuple[int, ...] | None = None
+) -> tuple[int, ...]:
+    """The epoch's record order. With `lengths` (group_by_length), each window of 16 steps
+    is sorted by length and the steps are then shuffled, so a step's records have similar
+    lengths (little padding) while the steps still come in a seeded random order."""
     import torch
 
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    steps = math.ceil(n / per_step)
-    while len(order) < steps * per_step:  # fill the last step from the epoch's head
-        order += order[: steps * per_step - len(order)]
+    g = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    if lengths is not None:
+        window = per_step * GROUP_STEPS
+        order = [
+            i
+            for w in range(0, n, window)
+            for i in sorted(order[w : w + window], key=lengths.__getitem__, reverse=True)
+        ]
+        steps = [order[i : i + per_step] for i in range(0, n, per_step)]
+        order = [i for k in torch.randperm(len(steps), generator=g).tolist() for i in steps[k]]
+    total = math.ceil(n / per_step) * per_step
+    while len(order) < total:  # fill the last step from the epoch's head
+        order += order[: total - len(order)]
     return tuple(order)
 
 
-def step_indices(n: int, step: int, cfg: TrainConfig, rank: int, world: int) -> list[int]:
+def step_indices(
+    n: int, step: int, cfg: TrainConfig, rank: int, world: int, lengths: tuple | None = None
+) -> list[int]:
     """Row indices of this process's records for optimizer step `step` (0-based)."""
     per_rank = cfg.batch_size * cfg.grad_accum
     per_step = per_rank * world
     epoch, in_epoch = divmod(step, math.ceil(n / per_step))
     start = in_epoch * per_step + rank * per_rank
-    return list(epoch_order(n, epoch, cfg.seed, per_step)[start : start + per_rank])
+    return list(epoch_order(n, epoch, cfg.seed, per_step, lengths)[start : start + per_rank])
 
 
 def collate(records: list[dict], packing: bool, pad_id: int) -> dict[str, Any]:
@@ -221,6 +241,15 @@ class Job:
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
+
+    @functools.cached_property
+    def lengths(self) -> tuple[int, ...] | None:
+        """Record lengths for group_by_length (packed rows have no padding to save)."""
+        if not self.cfg.group_by_length or self.cfg.packing:
+            return None
+        import pyarrow.compute as pc
+
+        return tuple(pc.list_value_length(self.rows.column("input_ids")).to_pylist())
 
 
 def setup(spec: Spec) -> Job:
@@ -343,7 +372,8 @@ def train_steps(job: Job, log: Log) -> None:
     window = torch.zeros(2, dtype=torch.float64, device=acc.device)  # Σ step losses, tokens
     window_steps, window_started = 0, time.time()
     while step < job.total_steps:
-        records = job.rows.take(step_indices(job.rows.num_rows, step, cfg, rank, world))
+        indices = step_indices(job.rows.num_rows, step, cfg, rank, world, job.lengths)
+        records = job.rows.take(indices)
         micro = micro_batches(job, records.to_pylist())
         labels = torch.tensor(float(sum(m[1] for m in micro)), device=acc.device)
         labels = (acc.reduce(labels, reduction="sum") if world > 1 else labels).clamp(min=1)

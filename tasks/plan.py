@@ -29,6 +29,7 @@ qlora with ZeRO-3 is not offered: 4-bit weights cannot be partitioned.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,9 @@ def meta_model(config: Any, cfg: Config, method: str) -> tuple[Shape, int]:
         else:
             peft_cfg = methods._lora_config(t)
             from peft import get_peft_model
-        peft_model = get_peft_model(model, peft_cfg)
+        with warnings.catch_warnings():  # transformers' deprecation notice inside peft
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = get_peft_model(model, peft_cfg)
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     return shape, trainable
 

@@ -125,6 +125,24 @@ def test_packing_trains_to_the_same_loss(store, tiny_base, tmp_path):
     assert packed[3] == pytest.approx(padded[3], rel=1e-4)
 
 
+def test_epoch_order_is_a_seeded_permutation_and_groups_lengths():
+    import random
+
+    rng = random.Random(0)
+    lengths = tuple(rng.randint(10, 300) for _ in range(250))
+    for grouped in (None, lengths):
+        order = loop.epoch_order(250, 1, 42, 8, grouped)
+        assert len(order) == 256 and set(order) == set(range(250))  # last step filled
+        assert order == loop.epoch_order(250, 1, 42, 8, grouped)  # the step is the position
+        assert order != loop.epoch_order(250, 2, 42, 8, grouped)
+
+    def padded(order):
+        return sum(max(lengths[i] for i in order[k : k + 8]) * 8 for k in range(0, 256, 8))
+
+    plain, grouped = loop.epoch_order(250, 0, 42, 8), loop.epoch_order(250, 0, 42, 8, lengths)
+    assert padded(grouped) < 0.7 * padded(plain)
+
+
 def _start(spec_path: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.Popen(
@@ -251,8 +269,8 @@ def test_smollm2_learns_its_new_name(base_model_dir, tmp_path):
     base_dir.mkdir()
     (base_dir / "model").symlink_to(base_model_dir, target_is_directory=True)
     cfg = tiny_config(
-        "train.max_steps=8", "train.batch_size=8", "train.learning_rate=2e-3",
-        "train.cutoff_len=96", "train.logging_steps=4",
+        "train.max_steps=16", "train.batch_size=4", "train.learning_rate=3e-3",
+        "train.cutoff_len=96", "train.logging_steps=4", "train.save_steps=100",
     )  # fmt: skip
     ref = train.run(cfg, Store(tmp_path / "store"), *refs(base_dir))
     tokenizer = load_tokenizer(base_model_dir)
