@@ -26,6 +26,8 @@ import logging
 import math
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +230,24 @@ def score_model(model, tokenizer, cfg: Config, dev, test, prompts, references) -
     return {"metrics": metrics, "answers": answers}
 
 
+def _on_cpu(model: Any) -> bool:
+    return next(model.parameters()).device.type == "cpu"
+
+
+@contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to n for the block (None: unchanged), then restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
@@ -258,7 +278,8 @@ def table_md(base: dict | None, tuned: dict, samples: int) -> str:
 
 def key(cfg: Config, data: Ref, base: Ref, train: Ref) -> str:
     section = cfg.evaluate.model_dump(mode="json")
-    section.pop("device")  # where it ran changes the last digits, not what was measured
+    for where in ("device", "cpu_threads"):  # change the last digits, not what is measured
+        section.pop(where)
     section["template"] = cfg.train.template
     section["cutoff_len"] = cfg.train.cutoff_len
     inputs = {"data": data.key, "base": base.key, "train": train.key}
@@ -278,11 +299,12 @@ def run(cfg: Config, store: Store, data: Ref, base: Ref, train: Ref) -> Ref:
             tokenizer.pad_token = tokenizer.eos_token
         prompts = [prompt_ids(tokenizer, r, cfg.train.template) for r in samples]
         refs = [r.get("output") or "" for r in samples]
-        result = {"tuned": score_model(tuned, tokenizer, cfg, dev, test, prompts, refs)}
-        if as_base is not None:
-            with as_base() as maybe_model:
-                model = maybe_model if maybe_model is not None else tuned
-                result["base"] = score_model(model, tokenizer, cfg, dev, test, prompts, refs)
+        with cpu_threads(ev.cpu_threads if _on_cpu(tuned) else None):
+            result = {"tuned": score_model(tuned, tokenizer, cfg, dev, test, prompts, refs)}
+            if as_base is not None:
+                with as_base() as maybe_model:
+                    model = maybe_model if maybe_model is not None else tuned
+                    result["base"] = score_model(model, tokenizer, cfg, dev, test, prompts, refs)
         base_metrics = result["base"]["metrics"] if "base" in result else None
         metrics = {
             "base": base_metrics,
