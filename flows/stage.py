@@ -138,7 +138,7 @@ def main() -> int:
         )
     except Exception as exc:
         if stage == "export" and cfg.export.fail_stage:
-            print(f"export.fail_stage is set: {exc}", file=sys.stderr)
+            print(str(exc), file=sys.stderr)
             return EXIT_FAULT
         if isinstance(exc, UserError):
             print(f"error: {exc}", file=sys.stderr)
