@@ -432,14 +432,21 @@ def use_gpu_pool(cfg: Config) -> bool:
 def train_on_gpu_pool(cfg: Config, data: Ref, base: Ref) -> Ref:
     """Run `llmft-train/gpu` and wait; the result arrives through the shared store."""
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
 
     from tasks import train
 
     config = cfg.model_dump(mode="json")
-    run = run_deployment(
-        TRAIN_DEPLOYMENT,
-        parameters={"config": config, "data": data.to_dict(), "base": base.to_dict()},
-    )
+    try:
+        run = run_deployment(
+            TRAIN_DEPLOYMENT,
+            parameters={"config": config, "data": data.to_dict(), "base": base.to_dict()},
+        )
+    except ObjectNotFound as exc:
+        raise UserError(
+            f"the gpu pool has a worker but {TRAIN_DEPLOYMENT} is not deployed "
+            "(fix: llmft deploy, or --set pipeline.train_on=local)"
+        ) from exc
     ref = Store(cfg.pipeline.store).lookup("train", train.key(cfg, data, base))
     if ref is None:
         raise RuntimeError(
