@@ -9,11 +9,8 @@ DeepSpeed. The loop is plain PyTorch so that every step is in view:
     loss = Σ token cross-entropy / (label tokens of the step over all processes)
 
 The loss is a token mean over the whole step, not a mean of micro-batch means, so
-grad_accum and the number of processes change the speed and never the maths.
-
-Data order: epoch e visits the records in `randperm(seed + e)`; its tail is filled from
-its head so every step is full. The data position is therefore the step number alone, and
-a resumed job goes straight to it.
+grad_accum and the number of processes change the speed and never the maths. Which
+records a step takes, and how they become tensors: tasks/batches.py.
 """
 
 from __future__ import annotations
@@ -26,8 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.batches import (
+    epoch_order,  # noqa: F401  (bench/train_gpu.py reads the order from here)
+    label_tokens,
+    loss_sum,
+    micro_batches,
+    micro_loss,
+    step_indices,
+    to_device,
+)
 from tasks.config import TrainConfig
-from tasks.formatting import IGNORE, pack_batch, pad_batch
+from tasks.formatting import pad_batch
 
 COMPUTE_DTYPES = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -82,106 +88,6 @@ def resolve_precision(cfg: TrainConfig, device: str) -> str:
     return "no" if cfg.precision == "fp32" else cfg.precision
 
 
-# ----------------------------------------------------------------------------- data
-
-
-GROUP_STEPS = 16  # length grouping sorts the records of 16 steps at a time
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(
-    n: int, epoch: int, seed: int, per_step: int, lengths: tuple[int, ...] | None = None
-) -> tuple[int, ...]:
-    """The epoch's record order. With `lengths` (group_by_length), each window of 16 steps
-    is sorted by length and the steps are then shuffled, so a step's records have similar
-    lengths (little padding) while the steps still come in a seeded random order."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    if lengths is not None:
-        window = per_step * GROUP_STEPS
-        order = [
-            i
-            for w in range(0, n, window)
-            for i in sorted(order[w : w + window], key=lengths.__getitem__, reverse=True)
-        ]
-        steps = [order[i : i + per_step] for i in range(0, n, per_step)]
-        order = [i for k in torch.randperm(len(steps), generator=g).tolist() for i in steps[k]]
-    total = math.ceil(n / per_step) * per_step
-    while len(order) < total:  # fill the last step from the epoch's head
-        order += order[: total - len(order)]
-    return tuple(order)
-
-
-def step_indices(
-    n: int, step: int, cfg: TrainConfig, rank: int, world: int, lengths: tuple | None = None
-) -> list[int]:
-    """Row indices of this process's records for optimizer step `step` (0-based)."""
-    per_rank = cfg.batch_size * cfg.grad_accum
-    per_step = per_rank * world
-    epoch, in_epoch = divmod(step, math.ceil(n / per_step))
-    start = in_epoch * per_step + rank * per_rank
-    return list(epoch_order(n, epoch, cfg.seed, per_step, lengths)[start : start + per_rank])
-
-
-def collate(records: list[dict], packing: bool, pad_id: int) -> dict[str, Any]:
-    return pack_batch(records) if packing else pad_batch(records, pad_id)
-
-
-def micro_batches(job: Job, records: list[dict]) -> list[tuple[dict[str, Any], int, int]]:
-    """One step's records → [(micro-batch on the device, label tokens, input tokens)].
-
-    The GPU fast path (tasks/fastpath.py) forms its own micro-batches within a token
-    budget; otherwise grad_accum micro-batches of batch_size records each.
-    """
-    if job.plan is not None and job.plan.batches:
-        from tasks import fastpath
-
-        device, bs = job.accelerator.device, job.cfg.batch_size
-        mbs = fastpath.micro_batches(records, job.plan, bs, job.pad_id, device)
-        return [(mb, mb["num_targets"], mb["num_tokens"]) for mb in mbs]
-    out = []
-    for i in range(0, len(records), job.cfg.batch_size):
-        batch = collate(records[i : i + job.cfg.batch_size], job.cfg.packing, job.pad_id)
-        tokens = batch["input_ids"].numel() if job.cfg.packing else batch["attention_mask"].sum()
-        out.append((_to(batch, job.accelerator.device), int(_labels(batch)), int(tokens)))
-    return out
-
-
-def micro_loss(job: Job, batch: dict[str, Any]) -> Any:
-    if job.plan is not None and job.plan.batches:
-        from tasks import fastpath
-
-        return fastpath.loss_sum(job.model, batch, job.plan)
-    return loss_sum(job.model, batch)
-
-
-def _to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def _labels(batch: dict[str, Any]) -> Any:
-    return (batch["labels"][:, 1:] != IGNORE).sum()
-
-
-# ----------------------------------------------------------------------------- loss
-
-
-def loss_sum(model: Any, batch: dict[str, Any]) -> Any:
-    """Σ cross-entropy over the micro-batch's label tokens (labels shifted by one)."""
-    import torch.nn.functional as F
-
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        batch["labels"][:, 1:].flatten(),
-        ignore_index=IGNORE,
-        reduction="sum",
-    )
-
-
 def dev_loss(job: Job) -> float | None:
     """Token-mean loss over the dev rows (sharded over processes), or None without rows."""
     import torch
@@ -196,9 +102,9 @@ def dev_loss(job: Job) -> float | None:
     job.model.eval()
     with torch.no_grad():
         for i in range(0, len(mine), job.cfg.batch_size):
-            batch = _to(pad_batch(mine[i : i + job.cfg.batch_size], job.pad_id), acc.device)
+            batch = to_device(pad_batch(mine[i : i + job.cfg.batch_size], job.pad_id), acc.device)
             totals[0] += loss_sum(job.model, batch).double()
-            totals[1] += _labels(batch)
+            totals[1] += label_tokens(batch)
     job.model.train()
     totals = acc.reduce(totals, reduction="sum")
     return float(totals[0] / totals[1]) if totals[1] > 0 else None
@@ -374,7 +280,7 @@ def train_steps(job: Job, log: Log) -> None:
     while step < job.total_steps:
         indices = step_indices(job.rows.num_rows, step, cfg, rank, world, job.lengths)
         records = job.rows.take(indices)
-        micro = micro_batches(job, records.to_pylist())
+        micro = micro_batches(records.to_pylist(), cfg, job.plan, job.pad_id, acc.device)
         labels = torch.tensor(float(sum(m[1] for m in micro)), device=acc.device)
         labels = (acc.reduce(labels, reduction="sum") if world > 1 else labels).clamp(min=1)
         if not job.info["deepspeed"]:  # the fast path may form more or fewer micro-batches
@@ -382,7 +288,7 @@ def train_steps(job: Job, log: Log) -> None:
         acc.step = 0  # accumulate() syncs gradients on this step's last micro-batch
         for batch, _, tokens in micro:
             with acc.accumulate(job.model):
-                loss = micro_loss(job, batch)
+                loss = micro_loss(job.model, batch, job.plan)
                 # backward divides by the micro-batch count and DDP averages over processes:
                 # undo both, so the gradient is that of the step's token mean
                 acc.backward(loss / labels * (world * acc.gradient_accumulation_steps))
