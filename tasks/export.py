@@ -185,12 +185,17 @@ def hf_reference(model_dir: Path, samples: list[tuple[list[int], int]]) -> dict[
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     nll, count, argmax = 0.0, 0, []
-    with torch.inference_mode():
-        for ids, n_prompt in samples:
-            logits = model(torch.tensor([ids])).logits[0]
-            s_nll, s_count, s_argmax = _score(logits, ids, n_prompt)
-            nll, count = nll + s_nll, count + s_count
-            argmax.append(s_argmax)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one short sequence at a time: threads would mostly wait
+    try:
+        with torch.inference_mode():
+            for ids, n_prompt in samples:
+                logits = model(torch.tensor([ids])).logits[0]
+                s_nll, s_count, s_argmax = _score(logits, ids, n_prompt)
+                nll, count = nll + s_nll, count + s_count
+                argmax.append(s_argmax)
+    finally:
+        torch.set_num_threads(threads)
     size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     return {"ppl": math.exp(nll / count), "tokens": count, "argmax": argmax, "bytes": size}
 

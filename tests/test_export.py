@@ -117,5 +117,6 @@ def test_a_gguf_llama_cpp_cannot_load_is_reported(exported, tmp_path):
 
 def test_second_export_is_a_store_hit(exported, test_store):
     ref, merged, train, data = exported
-    again = export.run(load_config(), test_store, merged, train, data)
+    cfg = load_config(overrides=["export.speed_tokens=8"])
+    again = export.run(cfg, test_store, merged, train, data)
     assert again.cached and again.path == ref.path
