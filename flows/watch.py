@@ -102,10 +102,13 @@ class Sensor:
         now = time.time() if now is None else now
         sent, settling = [], 0
         for path in self.candidates():
-            if not self.is_stable(path, now):
-                settling += 1
+            try:
+                if not self.is_stable(path, now):
+                    settling += 1
+                    continue
+                digest = hash_file(path)
+            except FileNotFoundError:  # removed or renamed since the listing
                 continue
-            digest = hash_file(path)
             if digest in self.emitted:
                 continue
             emit(path, digest)
