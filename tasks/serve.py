@@ -186,11 +186,18 @@ class Models:
                     "(fix: `llmft run` promotes a model, or serve --model FILE.gguf)"
                 ) from None
             if mtime != self.mtime:
+                self.mtime = mtime  # a pointer that fails to load is not retried until it changes
                 gguf = Path(json.loads(self.pointer.read_text())["gguf"])
                 if self.engine is None or gguf != self.engine.path:
                     log.info("loading deployed model %s", gguf)
-                    self.engine = Engine(gguf, self.cfg)
-                self.mtime = mtime
+                    try:
+                        self.engine = Engine(gguf, self.cfg)
+                    except ServeError:
+                        if self.engine is None:
+                            raise
+                        log.exception(
+                            "keeping %s: the promoted GGUF does not load", self.engine.path
+                        )
             return self.engine  # type: ignore[return-value]
 
 
@@ -220,6 +227,10 @@ def create_app(
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return error(400, f"invalid request: {where}", "invalid_request")
+
+    @app.exception_handler(ServeError)
+    async def unavailable(request: Request, exc: ServeError) -> JSONResponse:
+        return error(503, str(exc), "model_unavailable")
 
     @app.middleware("http")
     async def check_key(request: Request, call_next: Callable) -> Any:

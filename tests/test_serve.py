@@ -132,6 +132,10 @@ def test_deployed_model_is_reloaded_after_a_promotion(ggufs, tmp_path):
             temperature=0, max_tokens=24,
         )  # fmt: skip
         assert out.model == "default" and out.choices[0].message.content
+        # A promotion to a file that does not load keeps the current model serving.
+        write_json_atomic(pointer, {"gguf": str(tmp_path / "missing.gguf"), "run_id": "c"})
+        os.utime(pointer, ns=(time.time_ns(), time.time_ns() + 2))
+        assert httpx.get(live.url + "/health").json()["gguf"] == str(ggufs["q4_k_m"])
     finally:
         live.stop()
 
