@@ -368,6 +368,7 @@ def train_job(spec: Spec) -> dict[str, Any]:
         "tokens_per_second": round(state["tokens"] / max(state["train_seconds"], 1e-9), 1),
         "seconds": round(state["train_seconds"], 2),
         "wall_seconds": round(time.time() - started, 2),
+        "cpu_seconds": round(time.process_time(), 1),  # this process, all threads, since start
         "peak_gpu_memory_gib": None if peak is None else round(peak, 3),
         "resumed_from_step": state["resumed_from_step"],
     } | {k: job.info[k] for k in ("device", "precision", "processes", "deepspeed", "fast_path")}

@@ -201,17 +201,18 @@ def run(cfg: Config, store: Store, data: Ref, base: Ref) -> Ref:
         return hit
     validate(cfg, model_dir)
     tokenized = tokens.run(cfg, store, data, base)
+    inputs = {"data": data.key, "base": base.key, "tokens": tokenized.key}
 
     def work(tmp: Path) -> dict[str, Any]:
         from tasks.loop import Spec
 
-        spec = Spec(cfg.train, model_dir, tokenized.dir, tmp, {"data": data.key, "base": base.key, "tokens": tokenized.key})  # fmt: skip
+        spec = Spec(cfg.train, model_dir, tokenized.dir, tmp, inputs)
         spec_path = tmp / "checkpoints" / "spec.json"
         write_json_atomic(spec_path, spec.to_json())
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+        paths = [str(REPO_ROOT), os.environ.get("PYTHONPATH")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), TIED: "1"}
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env.setdefault("HF_HUB_OFFLINE", "1")
-        env[TIED] = "1"
         cmd = launch_command(cfg, spec_path)
         done = subprocess.run(_tied(cmd), cwd=REPO_ROOT, env=env)
         if done.returncode != 0:
@@ -221,7 +222,6 @@ def run(cfg: Config, store: Store, data: Ref, base: Ref) -> Ref:
             )
         return {"metrics": json.loads((tmp / "metrics.json").read_text())}
 
-    inputs = {"data": data.key, "base": base.key, "tokens": tokenized.key}
     config = cfg.train.model_dump(mode="json")
     return store.build("train", k, work, inputs=inputs, config=config, resume=True)
 

@@ -316,7 +316,8 @@ def test_default_recipe_on_the_demo_data(test_store):
         plain = greedy_answers(model, tokenizer, identity)
     print(
         f"\ntraining: {seconds:.0f} s for {metrics['steps']} steps "
-        f"({metrics['tokens_per_second']:.0f} tokens/s), dev loss "
+        f"({metrics['tokens_per_second']:.0f} tokens/s, {metrics['cpu_seconds']:.0f} CPU-seconds "
+        f"in the training process, torch threads: {os.environ.get('OMP_NUM_THREADS', 'all')}), dev loss "
         f"{metrics['dev_loss']['before']:.3f} → {metrics['dev_loss']['after']:.3f}"
     )
     print(
