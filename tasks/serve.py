@@ -137,7 +137,10 @@ class Engine:
         self.contexts: queue.Queue[Any] = queue.Queue()
         for _ in range(cfg.max_concurrent):
             self.contexts.put(load_llama(path, cfg.n_ctx, cfg.n_threads))
-        self.vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        with suppress_stdout_stderr(disable=False):  # a vocab-only load warns about n_ctx
+            self.vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
         self.count_chat = _chat_counter(self.vocab)
 
     def count_text(self, text: str) -> int:
