@@ -29,7 +29,8 @@ def write_outputs(spec: Any, metrics: dict, history: list[dict], info: dict) -> 
     (out / "hyperparameters.yaml").write_text(
         yaml.safe_dump(hyper, sort_keys=False, allow_unicode=True), encoding="utf-8"
     )
-    plot_loss(history, out / "loss.png", title=f"{spec.train.method} on {spec.model_dir.name}")
+    title = f"{spec.train.method}: {info['train_rows']} records, {info['total_steps']} steps"
+    plot_loss(history, out / "loss.png", title=title)
     write_json_atomic(out / "metrics.json", metrics)
 
 
