@@ -38,6 +38,38 @@ def test_two_cpu_processes_train_one_adapter(base_model_dir, tmp_path):
     assert hyper["resolved"]["processes"] == 2 and hyper["method"] == "lora"
 
 
+def test_the_job_dies_with_the_process_that_started_it(base_model_dir, tmp_path):
+    """A SIGKILLed worker (a Prefect process, say) leaves no training job running."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    make_tiny_model(base_model_dir, tmp_path / "base")
+    store = tmp_path / "store"
+    script = (
+        f"import sys; sys.path[:0] = [{str(REPO_ROOT)!r}, {str(REPO_ROOT / 'tests')!r}]\n"
+        "from pathlib import Path\n"
+        "from train_fixtures import refs, tiny_config\n"
+        "from tasks import train\n"
+        "from tasks.store import Store\n"
+        "cfg = tiny_config('train.max_steps=100000', 'train.save_steps=100000')\n"
+        f"train.run(cfg, Store({str(store)!r}), *refs(Path({str(tmp_path / 'base')!r})))\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 180
+    while not list(store.glob("train/.partial-*/log_history.jsonl")) and time.time() < deadline:
+        assert parent.poll() is None
+        time.sleep(0.2)
+    job = psutil.Process(parent.pid).children(recursive=True)
+    assert any("tasks.train" in " ".join(p.cmdline()) for p in job)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    gone, alive = psutil.wait_procs(job, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+
+
 def test_launch_commands(tmp_path):
     spec = tmp_path / "spec.json"
     plain = train.launch_command(tiny_config(), spec)
