@@ -13,8 +13,14 @@ pytestmark = pytest.mark.skipif(
     shutil.which("chromium") is None,
     reason="Debian's chromium is not installed (make browser, or apt-get install chromium)",
 )
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]  # fmt: skip
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,13 @@ from tasks.config import load_config
 def test_identical_answers_score_100_in_english_and_chinese():
     for text in ["The cat sat on the mat.", "我喜欢吃苹果，也喜欢吃香蕉。"]:
         m = evaluate.text_metrics([text], [text])
-        assert m == {"bleu4": 100.0, "rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0,
-                     "exact_match": 100.0}  # fmt: skip
+        assert m == {
+            "bleu4": 100.0,
+            "rouge1": 100.0,
+            "rouge2": 100.0,
+            "rougeL": 100.0,
+            "exact_match": 100.0,
+        }
 
 
 def test_english_partial_overlap_known_values():
@@ -50,8 +55,15 @@ def test_rouge_default_tokenizer_would_lose_chinese_ours_does_not():
 
 def test_mixed_text_segmentation_and_exact_match_whitespace():
     assert evaluate.segment("我是Lexi，你好 world!", zh="char") == [
-        "我", "是", "Lexi", "，", "你", "好", "world", "!",
-    ]  # fmt: skip
+        "我",
+        "是",
+        "Lexi",
+        "，",
+        "你",
+        "好",
+        "world",
+        "!",
+    ]
     assert evaluate.text_metrics(["Paris.  "], [" Paris."])["exact_match"] == 100.0
 
 

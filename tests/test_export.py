@@ -15,8 +15,15 @@ def exported(test_store, base_model_dir):
 
 
 def _row(type_, size, ratio, loads=True):
-    return {"type": type_, "file": f"model-{type_}.gguf", "bytes": size, "loads": loads,
-            "ppl": 10 * ratio, "ppl_ratio": ratio, "error": "bad magic"}  # fmt: skip
+    return {
+        "type": type_,
+        "file": f"model-{type_}.gguf",
+        "bytes": size,
+        "loads": loads,
+        "ppl": 10 * ratio,
+        "ppl_ratio": ratio,
+        "error": "bad magic",
+    }
 
 
 # --- the choice of the served file and the failure rules (pure functions) ------------------

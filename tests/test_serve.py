@@ -97,9 +97,10 @@ def test_full_queue_answers_429_with_retry_after(client, server):
     # logit_bias bans end-of-turn so the first request surely runs its 200 tokens.
     long = threading.Thread(
         target=client.completions.create,
-        kwargs=dict(model="any", prompt="Once upon a time", max_tokens=200,
-                    logit_bias={str(EOS): -100}),
-    )  # fmt: skip
+        kwargs=dict(
+            model="any", prompt="Once upon a time", max_tokens=200, logit_bias={str(EOS): -100}
+        ),
+    )
     long.start()
     deadline = time.time() + 30
     while httpx.get(server.url + "/health").json()["inside"] < 1 and time.time() < deadline:
@@ -128,9 +129,11 @@ def test_deployed_model_is_reloaded_after_a_promotion(ggufs, tmp_path):
         assert httpx.get(live.url + "/health").json()["gguf"] == str(ggufs["q4_k_m"])
         client = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0)
         out = client.chat.completions.create(
-            model="default", messages=[{"role": "user", "content": "Who are you?"}],
-            temperature=0, max_tokens=24,
-        )  # fmt: skip
+            model="default",
+            messages=[{"role": "user", "content": "Who are you?"}],
+            temperature=0,
+            max_tokens=24,
+        )
         assert out.model == "default" and out.choices[0].message.content
         # A promotion to a file that does not load keeps the current model serving.
         write_json_atomic(pointer, {"gguf": str(tmp_path / "missing.gguf"), "run_id": "c"})
