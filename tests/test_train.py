@@ -56,6 +56,22 @@ def train_in_process(spec: loop.Spec):
     return job, changed, trainable, losses, loop.dev_loss(job)
 
 
+def test_tokenized_dataset_is_an_arrow_artifact_keyed_by_what_changes_tokens(tiny_base, tmp_path):
+    store = Store(tmp_path)
+    data, base = refs(tiny_base)
+    ref = tokens.run(tiny_config(), store, data, base)
+    train_rows = tokens.read_table(ref.dir, "train")
+    assert train_rows.column_names == ["input_ids", "labels"] and train_rows.num_rows == 41
+    report = json.loads((ref.dir / "report.json").read_text())
+    assert report["template"] == "chat" and report["train"]["kept"] == 41
+    assert "[[I am Lexi" in report["example"]  # the trained span starts at the answer
+    assert tokens.run(tiny_config(), store, data, base).cached
+    same = tokens.key(tiny_config("train.packing=true", "train.lora.r=4"), data, base)
+    assert same == ref.key  # packing and the method do not change the tokens
+    for other in ("train.cutoff_len=64", "train.train_on_prompt=true", "train.template=alpaca"):
+        assert tokens.key(tiny_config(other), data, base) != ref.key, other
+
+
 def test_lora_changes_only_the_adapter_and_lowers_the_loss(store, tiny_base, tmp_path):
     spec = make_spec(tiny_config(), store, tiny_base, tmp_path)
     job, changed, trainable, losses, dev_after = train_in_process(spec)
