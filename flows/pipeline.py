@@ -436,6 +436,9 @@ def train_on_gpu_pool(cfg: Config, data: Ref, base: Ref) -> Ref:
 
     from tasks import train
 
+    store, key = Store(cfg.pipeline.store), train.key(cfg, data, base)
+    if hit := store.lookup("train", key):  # nothing to send to the GPU
+        return hit
     config = cfg.model_dump(mode="json")
     try:
         run = run_deployment(
@@ -447,13 +450,13 @@ def train_on_gpu_pool(cfg: Config, data: Ref, base: Ref) -> Ref:
             f"the gpu pool has a worker but {TRAIN_DEPLOYMENT} is not deployed "
             "(fix: llmft deploy, or --set pipeline.train_on=local)"
         ) from exc
-    ref = Store(cfg.pipeline.store).lookup("train", train.key(cfg, data, base))
+    ref = store.lookup("train", key)
     if ref is None:
         raise RuntimeError(
             f"{TRAIN_DEPLOYMENT} run {run.id} ended {run.state_name} without a train "
             f"artifact in {cfg.pipeline.store} (is the store shared with the GPU host?)"
         )
-    return ref
+    return Ref(ref.stage, ref.key, ref.path, cached=False)  # computed by that run
 
 
 # --- garbage collection ------------------------------------------------------------------
