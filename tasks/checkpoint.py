@@ -1,8 +1,8 @@
 """Training checkpoints: written atomically every save_steps, the last K kept, resumed from.
 
     <output>/checkpoints/step-000040/
-        trainable.safetensors   the trained parameters only (a LoRA checkpoint of a 7B
-                                model is megabytes, not the 14 GB of frozen weights)
+        trainable.safetensors   the trained parameters only (LoRA r 8 on a 7B model: about
+                                80 MB in fp32, not the 14 GB of frozen weights)
         optimizer.pt            AdamW moments and step counts
         scheduler.pt            learning-rate schedule position
         scaler.pt               fp16 loss scale (fp16 only)
