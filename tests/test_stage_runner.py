@@ -1,5 +1,7 @@
 """Heavy stages in a child process: errors come back as kinds the retry policy can judge."""
 
+import time
+
 import pytest
 from prefect.states import Completed, Failed
 
@@ -35,12 +37,18 @@ def test_fault_switch_fails_the_stage_on_purpose(tmp_path, monkeypatch):
 
 def test_a_stage_past_its_deadline_is_killed(tmp_path, monkeypatch):
     base, train = refs(tmp_path)
-    # 0.005 min = 0.3 s: the child is still importing when the deadline comes.
-    cfg = load_config(
-        None, [f"pipeline.store={tmp_path / 'store'}", "pipeline.stage_timeout_minutes=0.005"]
+    # A child that hangs: a sitecustomize on its path sleeps before the stage even starts.
+    hang = tmp_path / "hang"
+    hang.mkdir()
+    (hang / "sitecustomize.py").write_text("import time\ntime.sleep(120)\n")
+    monkeypatch.setenv("PYTHONPATH", str(hang))
+    cfg = load_config(  # 0.02 min = 1.2 s
+        None, [f"pipeline.store={tmp_path / 'store'}", "pipeline.stage_timeout_minutes=0.02"]
     )
+    started = time.monotonic()
     with pytest.raises(StageFailed, match="killed after"):
         run_in_subprocess("merge", cfg, base=base, train=train)
+    assert time.monotonic() - started < 60  # killed at the deadline, not after the sleep
 
 
 def test_a_finished_artifact_starts_no_child(tmp_path, monkeypatch):
