@@ -98,13 +98,20 @@ def dev_loss(job: Job) -> float | None:
     mine = sorted(
         job.dev_rows[acc.process_index :: acc.num_processes], key=lambda r: len(r["input_ids"])
     )
+    size = job.cfg.batch_size
+    # the same number of forwards on every process: under ZeRO-3 each one gathers weights
+    # from all of them, so a process that stopped early would leave the others waiting
+    batches = math.ceil(math.ceil(len(job.dev_rows) / acc.num_processes) / size)
     totals = torch.zeros(2, dtype=torch.float64, device=acc.device)
     job.model.eval()
     with torch.no_grad():
-        for i in range(0, len(mine), job.cfg.batch_size):
-            batch = to_device(pad_batch(mine[i : i + job.cfg.batch_size], job.pad_id), acc.device)
-            totals[0] += loss_sum(job.model, batch).double()
-            totals[1] += label_tokens(batch)
+        for i in range(batches):
+            rows = mine[i * size : (i + 1) * size]
+            batch = to_device(pad_batch(rows or job.dev_rows[:1], job.pad_id), acc.device)
+            loss = loss_sum(job.model, batch).double()
+            if rows:  # a stand-in batch keeps step with the others and counts for nothing
+                totals[0] += loss
+                totals[1] += label_tokens(batch)
     job.model.train()
     totals = acc.reduce(totals, reduction="sum")
     return float(totals[0] / totals[1]) if totals[1] > 0 else None
