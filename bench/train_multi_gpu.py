@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -102,7 +103,9 @@ def launch(label: str, method: str, config: str | None, procs: int, paths: dict,
         )  # fmt: skip
     shutil.copy(log, Path(args.out) / f"{work.name}.log")
     if proc.returncode != 0:
-        raise RuntimeError(f"exit {proc.returncode}: {log.read_text()[-2500:]}")
+        text = log.read_text()
+        errors = [x for x in text.splitlines() if re.search(r"^(\[rank\d+\]: )?\w*Error\b", x)]
+        raise RuntimeError(f"exit {proc.returncode}: {errors[-1] if errors else text[-2500:]}")
     history = [json.loads(x) for x in (out / "log_history.jsonl").read_text().splitlines()]
     steps = [h for h in history if "loss" in h]
     metrics = json.loads((out / "metrics.json").read_text())

@@ -117,6 +117,17 @@ def dev_loss(job: Job) -> float | None:
     return float(totals[0] / totals[1]) if totals[1] > 0 else None
 
 
+def drop_tied_copies(model: Any, weights: dict[str, Any]) -> None:
+    """Keep one name per shared tensor (a tied LM head is saved as the embedding alone,
+    as save_pretrained does by itself; a gathered DeepSpeed state dict names both)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for group in names.values():
+        for copy in group[1:]:
+            weights.pop(copy, None)
+
+
 def add_neftune(model: Any, alpha: float) -> None:
     """NEFTune: uniform noise of size alpha/√(L·d) on the input embeddings while training."""
     import torch
@@ -196,10 +207,17 @@ def setup(spec: Spec) -> Job:
     if cfg.neftune_alpha > 0:
         add_neftune(model, cfg.neftune_alpha)
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [  # no weight decay on biases and norm scales
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+
+    # no weight decay on biases and norm scales; under ZeRO-3 a parameter is an empty shard
+    # from the moment it is loaded and its real shape is `ds_shape`
+    def is_matrix(p: Any) -> bool:
+        return len(getattr(p, "ds_shape", p.shape)) >= 2
+
+    groups = [
+        {"params": [p for p in params if is_matrix(p)], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if not is_matrix(p)], "weight_decay": 0.0},
     ]
+    groups = [g for g in groups if g["params"]]  # DeepSpeed drops an empty group
     plan = None
     if device == "cuda":  # GPU levers (packing rows, fused LoRA and loss, Liger): issue 6
         from tasks import fastpath
@@ -359,6 +377,7 @@ def train_job(spec: Spec) -> dict[str, Any]:
     folder = spec.output_dir / methods.output_folder(job.cfg.method)
     weights = acc.get_state_dict(job.model)  # gathers ZeRO-3 shards: every process calls it
     if acc.is_main_process:
+        drop_tied_copies(acc.unwrap_model(job.model), weights)
         acc.unwrap_model(job.model).save_pretrained(
             folder, state_dict=weights, safe_serialization=True
         )

@@ -191,7 +191,8 @@ def trainable_parameters(model: Any) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as one parameter each."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel() * (2 if getattr(p, "quant_state", None) is not None else 1)
+        n = getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3: the whole, not the shard
+        n *= 2 if getattr(p, "quant_state", None) is not None else 1
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
