@@ -1,4 +1,4 @@
-"""GPU training speed: llmft's training stage against HF Trainer + peft, side by side (issue 6).
+"""GPU training speed: llmft's training stage against HF Trainer + peft, side by side.
 
     python bench/train_gpu.py [--models 1b,smollm2] [--steps 13] [--warmup 3] [--out DIR]
 

@@ -1,6 +1,6 @@
 """GPU training fast path: what makes a step cheap, each part behind a config switch.
 
-Where a step's time goes on one H100 for a 1.2B Llama and LoRA (issue 6, bench/NOTES.md):
+Where a step's time goes on one H100 for a 1.2B Llama and LoRA (bench/NOTES.md):
 4·N ≈ 4.9 GFLOP per trained token is ~6 µs at the measured ~800 TFLOP/s bf16 matmul
 rate, and the usual setup spends several times that on padding, fp32 logits over a 128k
 vocabulary, unfused norms/activations, and LoRA's side branch casting its input to fp32.

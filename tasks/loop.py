@@ -219,7 +219,7 @@ def setup(spec: Spec) -> Job:
     ]
     groups = [g for g in groups if g["params"]]  # DeepSpeed drops an empty group
     plan = None
-    if device == "cuda":  # GPU levers (packing rows, fused LoRA and loss, Liger): issue 6
+    if device == "cuda":  # GPU levers (packing rows, fused LoRA and loss, Liger): tasks/fastpath.py
         from tasks import fastpath
 
         plan = fastpath.prepare(model, cfg, acc.device, deepspeed)

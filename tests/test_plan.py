@@ -11,7 +11,7 @@ from tasks import plan
 from tasks.config import load_config
 
 GIB = 2**30
-# issue 6's 1B-class Llama (Llama-3.2-1B's shape): only config.json is needed
+# the GPU benchmark's 1B-class Llama (Llama-3.2-1B's shape): only config.json is needed
 ONE_B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
     "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
