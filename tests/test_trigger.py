@@ -151,6 +151,14 @@ def test_llmft_deploy_registers_pools_and_deployments(prefect_server):
     nightly = _deployment(env, "llmft-pipeline", "nightly")
     assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
     assert _automations(env, _deployment(env, "llmft-pipeline", "on-new-dataset")["id"])
+    # the server's scheduler turns the cron into runs (it cannot with SQLAlchemy 2.1)
+    scheduled = wait_for(
+        lambda: flow_runs(env, deployment_id={"any_": [nightly["id"]]}),
+        timeout=150,
+        what="scheduled runs of the nightly deployment",
+    )
+    starts = {r["expected_start_time"][11:16] for r in scheduled}
+    assert starts == {"02:00"} and all(r["state_type"] == "SCHEDULED" for r in scheduled)
 
 
 def _deployment(env, flow: str, name: str) -> dict | None:
