@@ -289,7 +289,14 @@ def clean_dataset(
 def _inputs(cfg: Config, tokenizer_dir: Path | None) -> dict[str, str]:
     root = Path(cfg.data.input)
     files, _ = dataset_files(root)
-    inputs = {name: hash_file(p) for p, name in zip(files, _names(root, files), strict=True)}
+    if root.is_file():
+        # one file: its bytes and its format (the suffix), not its name, so a renamed copy
+        # of a dataset version (an upload, a trigger's new path) is the same artifact
+        inputs = {f"dataset{root.suffix.lower()}": hash_file(root)}
+    else:
+        # a folder: the names inside it are part of the dataset (the files' order, their
+        # formats, how the report and the rejects refer to them)
+        inputs = {name: hash_file(p) for p, name in zip(files, _names(root, files), strict=True)}
     tok = tokenizer_dir or (Path(cfg.data.tokenizer) if cfg.data.tokenizer else None)
     if cfg.data.max_tokens and tok and (tok / "tokenizer.json").is_file():
         inputs["tokenizer.json"] = hash_file(tok / "tokenizer.json")
@@ -304,7 +311,7 @@ def _section(cfg: Config) -> dict[str, Any]:
 
 
 def key(cfg: Config, tokenizer_dir: Path | None = None) -> str:
-    """Hash of the dataset files' contents (and names within the folder) + data config."""
+    """Hash of the dataset's contents (and the file names within a folder) + data config."""
     return make_key("data", VERSION, _section(cfg), _inputs(cfg, tokenizer_dir))
 
 

@@ -439,6 +439,19 @@ def test_store_key_follows_contents_not_paths(tmp_path):
     assert data.key(conf) != key_a
 
 
+def test_a_renamed_copy_of_one_file_is_the_same_dataset(tmp_path):
+    first = tmp_path / "law.jsonl"
+    shutil.copy(ASSETS / "messages.jsonl", first)
+    renamed = tmp_path / "incoming" / "law-2026-11-23.jsonl"
+    renamed.parent.mkdir()
+    shutil.copy(first, renamed)
+    key = data.key(load_config(None, [f"data.input={first}"]))
+    assert data.key(load_config(None, [f"data.input={renamed}"])) == key
+    as_json = tmp_path / "law.json"  # another format: another reading of the bytes
+    shutil.copy(first, as_json)
+    assert data.key(load_config(None, [f"data.input={as_json}"])) != key
+
+
 def test_run_builds_once_then_serves_from_the_store(tmp_path):
     store = Store(tmp_path / "store")
     conf = load_config(None, [f"data.input={ASSETS / 'sharegpt.json'}"])
