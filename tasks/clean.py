@@ -136,7 +136,7 @@ def prepare(batch: Batch, cfg: DataConfig, tokenizer: Any = None) -> Prepared:
         why = f"tokens > data.max_tokens={cfg.max_tokens:,}"
         checks.append(("too_many_tokens", pc.greater(tokens, cfg.max_tokens), why))
     rejected = list(batch.rejected)
-    bad = pa.array([False] * len(batch.positions))
+    bad = pa.array([False] * len(batch.positions), pa.bool_())
     for reason, mask, why in checks:
         for i in pc.indices_nonzero(pc.and_not(mask, bad)).to_pylist():
             count = counts.get(reason)

@@ -324,6 +324,65 @@ def test_json_array_syntax_error_gives_line_and_column(tmp_path):
     assert "array_bad.json: not valid JSON at line 3 column 23" in str(err.value)
 
 
+@pytest.fixture
+def streamed(monkeypatch):
+    """JSON arrays streamed record by record through a 7-byte read window."""
+    from tasks import ingest
+
+    monkeypatch.setattr(ingest, "JSON_WHOLE_BYTES", 0)
+    monkeypatch.setattr(ingest, "READ_BUFFER", 7)
+
+
+def test_a_streamed_json_array_gives_what_a_whole_one_gives(tmp_path, monkeypatch):
+    from tasks import ingest
+
+    records = [
+        {"instruction": f"question {i} ünïcödé 你好", "input": "", "output": f"answer {i}"}
+        for i in range(40)
+    ] + [{"instruction": "  ", "output": "x"}, 12345, {"foo": "bar"}]
+    source = tmp_path / "big.json"
+    source.write_bytes(b"\xef\xbb\xbf" + json.dumps(records, ensure_ascii=False, indent=1).encode())
+    whole = clean_dataset(source, tmp_path / "whole", cfg())
+    monkeypatch.setattr(ingest, "JSON_WHOLE_BYTES", 0)
+    monkeypatch.setattr(ingest, "READ_BUFFER", 7)  # records and characters cut by the window
+    streamed = clean_dataset(source, tmp_path / "streamed", cfg())
+    assert streamed == whole and whole["kept"] == 40
+    for name in ("train.json", "dev.json", "test.json", "rejected.jsonl"):
+        assert (tmp_path / "streamed" / name).read_bytes() == (
+            tmp_path / "whole" / name
+        ).read_bytes()
+    rejected = (tmp_path / "streamed" / "rejected.jsonl").read_text()
+    assert '"row":42,"record":12345}' in rejected  # the number, whole, at its row
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (
+            '[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}\n]',
+            "line 3 column 22",
+        ),
+        (
+            '[{"instruction": "a", "output": "b"}\n {"instruction": "c", "output": "d"}]',
+            "line 2 column 2",
+        ),
+        ('[{"instruction": "a", "output": "b"},\n', "line 2 column 1"),
+        ('[{"instruction": "a", "output": "b"}] []', "line 1 column 39"),
+    ],
+)
+def test_a_streamed_json_array_names_where_it_breaks(tmp_path, streamed, text, where):
+    source = _write(tmp_path / "bad.json", text)
+    with pytest.raises(DataError, match=f"bad.json: not valid JSON at {where}"):
+        clean_dataset(source, tmp_path / "out", cfg())
+
+
+def test_a_streamed_record_over_the_size_limit_is_an_error(tmp_path, streamed):
+    long = json.dumps([{"instruction": "q" * 5000, "output": "a"}])
+    source = _write(tmp_path / "long.json", long)
+    with pytest.raises(DataError, match="longer than data.max_line_bytes=1024"):
+        clean_dataset(source, tmp_path / "out", cfg("data.max_line_bytes=1024"))
+
+
 def test_cli_exits_2_with_one_line_on_bad_input(tmp_path, capsys):
     argv = ["data", "--input", str(ASSETS / "array_bad.json"), "--output-dir", str(tmp_path)]
     assert cli(argv) == 2
