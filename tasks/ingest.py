@@ -110,12 +110,16 @@ def is_jsonl(path: Path) -> bool:
 
 def _read_lines(f: BinaryIO, limit: int) -> Iterator[tuple[bytes, int]]:
     """Each line with its size in bytes. A line over `limit` bytes comes back cut to its
-    head; the rest is skipped without ever being held in memory."""
-    while line := f.readline(limit + 1):
-        if len(line) <= limit or line.endswith(b"\n"):
-            yield line, len(line)
+    head; the rest is skipped without ever being held in memory. A UTF-8 byte-order mark
+    at the file's start is dropped from the first line (its size still counts it)."""
+    first = f.tell() == 0
+    while raw := f.readline(limit + 1):
+        line = raw.removeprefix(codecs.BOM_UTF8) if first else raw
+        first = False
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield line, len(raw)
             continue
-        size, head = len(line), line[: RAW_HEAD * 4]
+        size, head = len(raw), line[: RAW_HEAD * 4]
         while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
             size += len(rest)
         yield head, size + len(rest)
@@ -218,7 +222,7 @@ class LineAt:
         if self._file is None:
             self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for the next call
         self._file.seek(self.offsets[i])
-        return orjson.loads(self._file.readline())
+        return orjson.loads(self._file.readline().removeprefix(codecs.BOM_UTF8))
 
 
 def _read_json_array(path: Path, name: str, cfg: DataConfig) -> Iterator[Batch]:

@@ -324,6 +324,17 @@ def test_json_array_syntax_error_gives_line_and_column(tmp_path):
     assert "array_bad.json: not valid JSON at line 3 column 23" in str(err.value)
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
+    lines = ASSETS.joinpath("messages.jsonl").read_bytes()
+    source = tmp_path / "bom.jsonl"
+    source.write_bytes(b"\xef\xbb\xbf" + lines)
+    report = clean_dataset(source, tmp_path / "out", cfg())
+    plain = clean_dataset(ASSETS / "messages.jsonl", tmp_path / "plain", cfg())
+    assert report["kept"] == plain["kept"] and report["rejected"] == plain["rejected"]
+    for name in ("train.json", "dev.json", "test.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+
+
 @pytest.fixture
 def streamed(monkeypatch):
     """JSON arrays streamed record by record through a 7-byte read window."""
