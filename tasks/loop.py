@@ -129,16 +129,48 @@ def drop_tied_copies(model: Any, weights: dict[str, Any]) -> None:
 
 
 def add_neftune(model: Any, alpha: float) -> None:
-    """NEFTune: uniform noise of size alpha/√(L·d) on the input embeddings while training."""
+    """NEFTune: uniform noise of size alpha/√(L·d) on the input embeddings while training,
+    L the sequence length. In a packed row (position_ids restarting at 0 for each record)
+    L is each record's own length, so packing does not shrink the noise a record gets."""
     import torch
 
+    embeddings = model.get_input_embeddings()
+    seen: dict[str, Any] = {"position_ids": None}
+
+    def remember(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        seen["position_ids"] = kwargs.get("position_ids")
+
     def hook(module: Any, args: Any, output: Any) -> Any:
+        positions, seen["position_ids"] = seen["position_ids"], None
         if not module.training:
             return output
-        magnitude = alpha / math.sqrt(output.size(1) * output.size(2))
-        return output + torch.zeros_like(output).uniform_(-magnitude, magnitude)
+        d = output.size(2)
+        lengths = record_lengths(positions, output.size(1))
+        if lengths is None:
+            magnitude = alpha / math.sqrt(output.size(1) * d)
+            return output + torch.zeros_like(output).uniform_(-magnitude, magnitude)
+        magnitude = (alpha / torch.sqrt(lengths.to(output.dtype) * d)).view(1, -1, 1)
+        return output + torch.zeros_like(output).uniform_(-1, 1) * magnitude
 
-    model.get_input_embeddings().register_forward_hook(hook)
+    # the module that embeds the tokens is the one called with position_ids
+    owners = [m for m in model.modules() if getattr(m, "embed_tokens", None) is embeddings]
+    for owner in owners:
+        owner.register_forward_pre_hook(remember, with_kwargs=True)
+    embeddings.register_forward_hook(hook)
+
+
+def record_lengths(position_ids: Any, length: int) -> Any:
+    """For a packed row (one row, positions restarting at 0): each token's record length;
+    None for anything else."""
+    import torch
+
+    if position_ids is None or position_ids.dim() != 2 or position_ids.size(0) != 1:
+        return None
+    starts = position_ids[0] == 0
+    if position_ids.size(1) != length or int(starts.sum()) < 2:
+        return None
+    record = torch.cumsum(starts.long(), 0) - 1
+    return torch.bincount(record)[record]
 
 
 # ----------------------------------------------------------------------------- setup
