@@ -457,25 +457,37 @@ def run_llmft(model_dir: Path, tokens: Path, method: str, work: Path, args, **ex
         )  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"tasks.train exited {proc.returncode}: {log.read_text()[-3000:]}")
+    run = read_run(out, args.warmup)
+    return {
+        "tokens_per_second": run["tokens_per_second"],
+        "peak_gib": run["metrics"]["peak_gpu_memory_gib"] or 0.0,
+        "losses": run["losses"],
+        "timed_seconds": run["timed_seconds"],
+        "timed_tokens": run["timed_tokens"],
+        "fastpath": run["metrics"].get("fast_path"),
+    }
+
+
+def read_run(out: Path, warmup: int) -> dict:
+    """What a training job wrote (logging_steps=1): its step losses, its metrics, and its
+    trained tokens per second over the steps after the first `warmup`."""
     history = [json.loads(x) for x in (out / "log_history.jsonl").read_text().splitlines()]
     steps = [h for h in history if "loss" in h]
-    metrics = json.loads((out / "metrics.json").read_text())
-    # each entry is one step (logging_steps=1): its tokens and its own tokens/s
+    # each entry is one step: its tokens so far and its own tokens/s
     before = [0] + [h["tokens"] for h in steps[:-1]]
     timed = [
         (h["tokens"] - prev, h["tokens_per_second"])
         for h, prev in zip(steps, before, strict=True)
-        if h["step"] > args.warmup
+        if h["step"] > warmup
     ]
-    tokens = [t for t, _ in timed]
+    tokens = sum(t for t, _ in timed)
     seconds = sum(t / tps for t, tps in timed)
     return {
-        "tokens_per_second": sum(tokens) / seconds,
-        "peak_gib": metrics["peak_gpu_memory_gib"] or 0.0,
-        "losses": [h["loss"] for h in steps],
+        "tokens_per_second": tokens / seconds,
         "timed_seconds": seconds,
-        "timed_tokens": sum(tokens),
-        "fastpath": metrics.get("fast_path"),
+        "timed_tokens": tokens,
+        "losses": [h["loss"] for h in steps],
+        "metrics": json.loads((out / "metrics.json").read_text()),
     }
 
 

@@ -47,6 +47,7 @@ from train_gpu import (  # noqa: E402
     ceilings,
     make_model,
     matmul_params,
+    read_run,
     synthetic_records,
     write_tokens,
 )
@@ -106,20 +107,12 @@ def launch(label: str, method: str, config: str | None, procs: int, paths: dict,
         text = log.read_text()
         errors = [x for x in text.splitlines() if re.search(r"^(\[rank\d+\]: )?\w*Error\b", x)]
         raise RuntimeError(f"exit {proc.returncode}: {errors[-1] if errors else text[-2500:]}")
-    history = [json.loads(x) for x in (out / "log_history.jsonl").read_text().splitlines()]
-    steps = [h for h in history if "loss" in h]
-    metrics = json.loads((out / "metrics.json").read_text())
-    before = [0] + [h["tokens"] for h in steps[:-1]]
-    timed = [
-        (h["tokens"] - prev, h["tokens_per_second"])
-        for h, prev in zip(steps, before, strict=True)
-        if h["step"] > args.warmup
-    ]
-    seconds = sum(t / tps for t, tps in timed)
+    run = read_run(out, args.warmup)
+    metrics = run["metrics"]
     return {
-        "tokens_per_second": sum(t for t, _ in timed) / seconds,
+        "tokens_per_second": run["tokens_per_second"],
         "peak_gib": metrics["peak_gpu_memory_gib"] or 0.0,
-        "losses": [h["loss"] for h in steps],
+        "losses": run["losses"],
         "processes": metrics["processes"],
         "deepspeed": metrics["deepspeed"],
         "wall_seconds_job": metrics["wall_seconds"],
