@@ -303,7 +303,7 @@ def test_smollm2_learns_its_new_name(base_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_default_recipe_on_the_demo_data(test_store):
-    """The issue's bar for configs/default.yaml on this CPU: < 10 minutes of training, dev
+    """The bar for configs/default.yaml on this CPU: < 10 minutes of training, dev
     loss down, ≥ 80 % of held-out self-cognition prompts answered with the name, base not.
     `OMP_NUM_THREADS=1 pytest -m slow tests/test_train.py -k default_recipe -s` prints the
     table (the trained adapter is cached in .cache/test-store: delete it to time again)."""
