@@ -390,7 +390,7 @@ def run_levers(args: argparse.Namespace) -> dict:
         prof.__exit__(None, None, None)
         ends.pop(), tokens.pop(), losses.pop()  # the profiled step is not timed
         step_seconds = (ends[-1] - ends[args.warmup - 1]) / (len(ends) - args.warmup)
-        extra = kernel_summary(prof, step_seconds)
+        extra = kernel_summary(prof, step_seconds, Path(args.work))
     w = args.warmup
     seconds = ends[-1] - ends[w - 1]
     return extra | {
@@ -404,13 +404,22 @@ def run_levers(args: argparse.Namespace) -> dict:
     }
 
 
-def kernel_summary(prof, step_seconds: float) -> dict:
-    """GPU kernel time of one step against an unprofiled step's wall time, top kernels."""
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+def kernel_summary(prof, step_seconds: float, work: Path | None = None) -> dict:
+    """GPU kernel time of one step against an unprofiled step's wall time, top kernels,
+    and the host's busiest ops (full tables in `work/profile.txt`)."""
+    averages = prof.key_averages()
+    events = [e for e in averages if e.device_type.name == "CUDA"]
     busy = sum(e.self_device_time_total for e in events) / 1e6
-    top = sorted(events, key=lambda e: -e.self_device_time_total)[:10]
-    ops = sum(e.count for e in prof.key_averages() if e.device_type.name == "CPU"
-              and e.key.startswith("aten::"))  # fmt: skip
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:40]
+    cpu = [e for e in averages if e.device_type.name == "CPU"]
+    ops = sum(e.count for e in cpu if e.key.startswith("aten::"))
+    if work is not None:
+        text = averages.table(
+            sort_by="self_cuda_time_total", row_limit=80, max_name_column_width=90
+        )
+        text += "\n\n" + averages.table(sort_by="self_cpu_time_total", row_limit=40,
+                                          max_name_column_width=90)  # fmt: skip
+        (work / "profile.txt").write_text(text)
     return {
         "step_seconds": step_seconds,
         "gpu_kernel_seconds": busy,
@@ -418,7 +427,11 @@ def kernel_summary(prof, step_seconds: float) -> dict:
         "aten_ops_per_step": ops,
         "kernel_launches_per_step": sum(e.count for e in events),
         "top_kernels": [
-            (e.key[:70], round(e.self_device_time_total / 1e3, 2), e.count) for e in top
+            (e.key[:110], round(e.self_device_time_total / 1e3, 2), e.count) for e in top
+        ],
+        "top_host_ops": [
+            (e.key[:70], round(e.self_cpu_time_total / 1e3, 2), e.count)
+            for e in sorted(cpu, key=lambda e: -e.self_cpu_time_total)[:15]
         ],
     }
 
@@ -581,6 +594,7 @@ def main() -> None:
         action="store_true",
         help="also profile one step of the fast path on LoRA (GPU busy fraction, top kernels)",
     )
+    p.add_argument("--profile-only", action="store_true", help="only the profiled rows")
     # child mode (one baseline row)
     p.add_argument("--child", action="store_true")
     p.add_argument("--method")
@@ -590,6 +604,7 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         return child(args)
+    args.profile = args.profile or args.profile_only
 
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -617,7 +632,7 @@ def main() -> None:
             plan.append(("llmft", "qlora", "qlora+ckpt", {"gradient_checkpointing": True}))
         if args.noise:
             plan.append(("llmft", "lora", "lora seed+1", {"seed": SEED + 1}))
-        for impl, method, label, extra in plan:
+        for impl, method, label, extra in [] if args.profile_only else plan:
             extra = dict(extra)
             if label != method:
                 extra["tag"] = "-" + label.replace("+", "_").replace(" ", "_").replace(",", "_")
@@ -625,15 +640,22 @@ def main() -> None:
             rows.append(r | {"impl": impl, "model": model, "method": method, "label": label,
                              "N": n})  # fmt: skip
             (out / "results.json").write_text(json.dumps({"ceiling": ceiling, "rows": rows}))
-    if args.profile and "1b" in args.models.split(","):  # last: the table does not need it
-        paths = {"model": work / "model-1b", "tokens": work / "tokens"}
+    if args.profile:  # last: the table does not need it
         lv = "pack,lora,loss,liger,budget"
-        r = run_row("levers", "1b", "lora", paths, args, levers=lv, profile=1, tag="-profiled")
-        rows.append(r | {"impl": "levers", "model": "1b", "method": "lora",
-                         "label": f"lora {lv} (profiled)", "N": matmul_params(MODELS["1b"])})  # fmt: skip
-        (out / "results.json").write_text(json.dumps({"ceiling": ceiling, "rows": rows}))
-        if not r.get("error"):
-            print("profile:", json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
+        for model in args.models.split(","):
+            paths = {"model": work / f"model-{model}", "tokens": work / "tokens"}
+            make_model(model, paths["model"], Path(args.tokenizer))
+            r = run_row("levers", model, "lora", paths, args, levers=lv, profile=1,
+                        tag="-profiled")  # fmt: skip
+            rows.append(r | {"impl": "levers", "model": model, "method": "lora",
+                             "label": "lora (profiled)", "N": matmul_params(MODELS[model])})  # fmt: skip
+            (out / "results.json").write_text(json.dumps({"ceiling": ceiling, "rows": rows}))
+            table_file = work / "rows" / f"levers-{model}-lora-profiled" / "profile.txt"
+            if table_file.exists():
+                shutil.copy(table_file, out / f"profile-{model}.txt")
+            if not r.get("error"):
+                print("profile:", json.dumps({k: v for k, v in r.items() if k != "losses"}),
+                      flush=True)  # fmt: skip
     text = table(rows, ceiling)
     (out / "table.txt").write_text(text + "\n")
     print(

@@ -235,16 +235,18 @@ class _LoraLinear(torch.autograd.Function):
         xa = x2 @ a.t()  # (M, r)
         y = F.linear(x2, w, None if base.bias is None else base.bias.to(dtype))
         y = torch.addmm(y, xa, b.t(), alpha=scale)
-        ctx.save_for_backward(x2, xa, lora_a, lora_b)
+        # the adapters in the compute dtype are kept (r × (in + out) values: nothing) so
+        # backward does not cast them again: 224 fewer kernels a step on a 16-layer model
+        ctx.save_for_backward(x2, xa, a, b)
         ctx.base, ctx.scale, ctx.dtype, ctx.x_dtype = base, scale, dtype, x.dtype
+        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):  # noqa: D102
-        x2, xa, lora_a, lora_b = ctx.saved_tensors
+        x2, xa, a, b = ctx.saved_tensors
         dtype, s = ctx.dtype, ctx.scale
         g = gy.reshape(-1, gy.shape[-1]).to(dtype)
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
         gxa = (g @ b) * s  # (M, r)
         grad_b = (g.t() @ xa) * s  # (out, r)
         grad_a = gxa.t() @ x2  # (r, in)
@@ -252,7 +254,7 @@ class _LoraLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = torch.addmm(g @ _base_weight(ctx.base, dtype), gxa, a)
             gx = gx.reshape(*gy.shape[:-1], gx.shape[-1]).to(ctx.x_dtype)
-        return gx, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None
+        return gx, grad_a.to(ctx.a_dtype), grad_b.to(ctx.b_dtype), None, None, None
 
 
 def _base_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -454,8 +456,16 @@ def micro_batches(
     mbs = packing.step_batches(
         records, plan.token_budget, plan.packing, pad_id, batch_size=batch_size, rows=plan.rows
     )
+    # from pinned memory a copy is queued behind the GPU's work; from pageable memory
+    # the host would wait for the GPU to drain first and the GPU then for the host
+    pin = torch.device(device).type == "cuda"
     return [
-        {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
+        {
+            k: (v.pin_memory() if pin else v).to(device, non_blocking=True)
+            if torch.is_tensor(v)
+            else v
+            for k, v in mb.items()
+        }
         for mb in mbs
     ]
 

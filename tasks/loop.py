@@ -16,6 +16,7 @@ records a step takes, and how they become tensors: tasks/batches.py.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import math
 import time
@@ -330,15 +331,21 @@ def train_steps(job: Job, log: Log) -> None:
         state["dev_loss_before"] = dev_loss(job)
         log(0, {"dev_loss": state["dev_loss_before"]})
 
+    def batches_for(step: int) -> list[tuple[dict[str, Any], int, int]]:
+        indices = step_indices(job.rows.num_rows, step, cfg, rank, world, job.lengths)
+        records = job.rows.take(indices).to_pylist()
+        return micro_batches(records, cfg, job.plan, job.pad_id, acc.device)
+
     job.model.train()
     bar = tqdm(total=job.total_steps, initial=step, disable=not acc.is_main_process, unit="step")
     window = torch.zeros(2, dtype=torch.float64, device=acc.device)  # Σ step losses, tokens
     window_steps, window_started = 0, time.time()
+    upcoming = batches_for(step) if step < job.total_steps else []
     while step < job.total_steps:
-        indices = step_indices(job.rows.num_rows, step, cfg, rank, world, job.lengths)
-        records = job.rows.take(indices)
-        micro = micro_batches(records.to_pylist(), cfg, job.plan, job.pad_id, acc.device)
-        labels = torch.tensor(float(sum(m[1] for m in micro)), device=acc.device)
+        micro = upcoming
+        # a fill, not torch.tensor(x, device=...): that copies from pageable memory and
+        # makes the host wait for the GPU at the start of every step
+        labels = torch.full((), float(sum(m[1] for m in micro)), device=acc.device)
         labels = (acc.reduce(labels, reduction="sum") if world > 1 else labels).clamp(min=1)
         if not job.info["deepspeed"]:  # the fast path may form more or fewer micro-batches
             acc.gradient_accumulation_steps = len(micro)
@@ -358,6 +365,9 @@ def train_steps(job: Job, log: Log) -> None:
         job.optimizer.zero_grad(set_to_none=True)
         step += 1
         window_steps += 1
+        # the next step's rows are packed and queued while the GPU still works on this
+        # one, before logging below waits for it
+        upcoming = batches_for(step) if step < job.total_steps else []
         bar.update(1)
 
         if step % cfg.logging_steps == 0 or step == job.total_steps:
@@ -401,6 +411,10 @@ def train_job(spec: Spec) -> dict[str, Any]:
     job = setup(spec)
     acc = job.accelerator
     job.state = checkpoint.resume(job)
+    # the model, tokenizer and libraries are ~10⁶ long-lived objects: frozen, they are no
+    # longer walked by every full collection (tens of ms each) the training steps trigger
+    gc.collect()
+    gc.freeze()
     log = Log(job)
     train_steps(job, log)
 
