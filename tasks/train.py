@@ -9,9 +9,10 @@
 `run` validates the config (before any weights load), tokenizes (tasks/tokens.py), writes
 a spec and starts the job in a subprocess: `python -m tasks.train --spec FILE`, or the same
 module under `torchrun` / `accelerate launch --config_file deploy/accelerate/<x>.yaml`.
-A subprocess can be killed when stuck and keeps an out-of-memory to itself. The job works
-in the store's partial folder, so a killed job started again resumes from its checkpoints
-there (tasks/checkpoint.py).
+A subprocess can be killed when stuck and keeps an out-of-memory to itself; a job out of
+(GPU or CPU) memory exits with status 4 and the parent raises `OutOfMemory`, which the
+pipeline does not retry. The job works in the store's partial folder, so a killed job
+started again resumes from its checkpoints there (tasks/checkpoint.py).
 
 Run alone: `python -m tasks.train --spec spec.json` (one job, no Prefect, no store), or
 `python -m tasks.train [--config FILE] [--set ...]` (data, base, then this stage).
@@ -32,7 +33,8 @@ from typing import Any
 
 import yaml
 
-from tasks.config import REPO_ROOT, Config, ConfigError, UserError, load_config
+from flows.stage import EXIT_OOM, OutOfMemory
+from tasks.config import REPO_ROOT, Config, ConfigError, TrainConfig, UserError, load_config
 from tasks.store import Ref, Store, make_key, write_json_atomic
 
 VERSION = "1"
@@ -214,7 +216,11 @@ def run(cfg: Config, store: Store, data: Ref, base: Ref) -> Ref:
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env.setdefault("HF_HUB_OFFLINE", "1")
         cmd = launch_command(cfg, spec_path)
+        oom = oom_marker(spec_path)
+        oom.unlink(missing_ok=True)  # from an earlier attempt in this partial folder
         done = subprocess.run(_tied(cmd), cwd=REPO_ROOT, env=env)
+        if done.returncode == EXIT_OOM or oom.is_file():
+            raise OutOfMemory(oom_message(cfg.train, oom))
         if done.returncode != 0:
             raise TrainingFailed(
                 f"training exited with status {done.returncode} ({' '.join(cmd)}); its "
@@ -226,6 +232,53 @@ def run(cfg: Config, store: Store, data: Ref, base: Ref) -> Ref:
     return store.build("train", k, work, inputs=inputs, config=config, resume=True)
 
 
+# torchrun and accelerate launch exit 1 whatever their processes exited with, so a process
+# that runs out of memory also leaves this file (its error) beside the spec.
+def oom_marker(spec_path: Path) -> Path:
+    return spec_path.with_name("out_of_memory.txt")
+
+
+def oom_message(t: TrainConfig, marker: Path) -> str:
+    """Out of memory at these settings: the same settings run out again, so name the fix."""
+    error = marker.read_text().strip() if marker.is_file() else ""
+    fixes = []
+    if t.batch_size > 1:  # half the micro-batch, twice the accumulation: the same step
+        fixes.append(
+            f"--set train.batch_size={t.batch_size // 2} --set train.grad_accum={t.grad_accum * 2}"
+        )
+    if t.cutoff_len > 2 * MIN_CONTENT_TOKENS:
+        fixes.append(f"--set train.cutoff_len={t.cutoff_len // 2}")
+    if not t.gradient_checkpointing:
+        fixes.append("--set train.gradient_checkpointing=true")
+    return (
+        f"training ran out of memory at train.batch_size={t.batch_size}, "
+        f"train.cutoff_len={t.cutoff_len}, "
+        f"train.gradient_checkpointing={str(t.gradient_checkpointing).lower()}"
+        + (f" ({error})" if error else "")
+        + "; the same settings run out again, so it is not retried (fix: "
+        + ", or ".join(fixes or ["a smaller model, or a GPU with more memory"])
+        + ")"
+    )
+
+
+def train_job_exit(spec_path: str) -> int:
+    """One training job (the child process); its exit status tells the parent what happened."""
+    import torch
+
+    from tasks.loop import Spec, train_job
+
+    try:
+        metrics = train_job(Spec.load(spec_path))
+    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+        error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        oom_marker(Path(spec_path)).write_text(error + "\n")
+        print(f"out of memory: {error}", file=sys.stderr)
+        return EXIT_OOM
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", help="run one training job from this spec (no store)")
@@ -233,13 +286,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args()
     if args.spec:
-        from tasks.loop import Spec, train_job
-
         _die_with_parent()
-        metrics = train_job(Spec.load(args.spec))
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(json.dumps(metrics, indent=2))
-        return
+        sys.exit(train_job_exit(args.spec))
     from tasks import base as base_stage
     from tasks import data as data_stage
 

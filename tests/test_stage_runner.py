@@ -1,14 +1,27 @@
 """Heavy stages in a child process: errors come back as kinds the retry policy can judge."""
 
+import sys
 import time
 
 import pytest
+import train_fixtures
 from prefect.states import Completed, Failed
 
 from flows.pipeline import is_transient
 from flows.stage import FaultInjected, OutOfMemory, StageFailed, run_in_subprocess
 from tasks.config import ConfigError, UserError, load_config
-from tasks.store import Ref
+from tasks.store import Ref, Store
+
+# The real training child (`python -m tasks.train --spec …`) with a job that fails at once.
+FAILING_JOB = """
+import runpy, sys, torch
+import tasks.loop
+def train_job(spec):
+    raise {error}
+tasks.loop.train_job = train_job
+sys.argv = ["tasks.train", *sys.argv[1:]]
+runpy.run_module("tasks.train", run_name="__main__")
+"""
 
 
 def refs(tmp_path):
@@ -81,3 +94,58 @@ def test_retry_condition(error, retry):
 
 def test_retry_condition_on_success():
     assert is_transient(None, None, Completed(data=1)) is True
+
+
+def train_with_failing_job(base_model_dir, tmp_path, monkeypatch, error, launcher=()):
+    """train.run on the tiny model, its child replaced by FAILING_JOB raising `error`."""
+    from tasks import train
+
+    train_fixtures.make_tiny_model(base_model_dir, tmp_path / "base")
+    job = [sys.executable, "-c", FAILING_JOB.format(error=error)]
+    monkeypatch.setattr(
+        train, "launch_command", lambda cfg, spec: [*launcher, *job, "--spec", str(spec)]
+    )
+    cfg = train_fixtures.tiny_config("train.batch_size=4", "train.cutoff_len=128")
+    train.run(cfg, Store(tmp_path / "store"), *train_fixtures.refs(tmp_path / "base"))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        'torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")',
+        "MemoryError()",  # CPU training
+    ],
+)
+def test_training_out_of_memory_is_not_retried(base_model_dir, tmp_path, monkeypatch, error):
+    with pytest.raises(OutOfMemory) as failed:
+        train_with_failing_job(base_model_dir, tmp_path, monkeypatch, error)
+    message = str(failed.value)
+    assert "out of memory at train.batch_size=4, train.cutoff_len=128" in message
+    for fix in ("train.batch_size=2", "train.cutoff_len=64", "train.gradient_checkpointing=true"):
+        assert fix in message
+    if "cuda" in error:
+        assert "Tried to allocate 2.00 GiB" in message  # the job's own error travels along
+    assert is_transient(None, None, Failed(data=failed.value)) is False
+
+
+def test_training_out_of_memory_under_a_launcher_is_still_out_of_memory(
+    base_model_dir, tmp_path, monkeypatch
+):
+    # torchrun and accelerate exit 1 when a process exits 4; this stand-in does the same.
+    launcher = [
+        sys.executable,
+        "-c",
+        "import subprocess, sys; subprocess.run(sys.argv[1:]); exit(1)",
+    ]
+    with pytest.raises(OutOfMemory, match="train.gradient_checkpointing=true"):
+        train_with_failing_job(base_model_dir, tmp_path, monkeypatch, "MemoryError()", launcher)
+
+
+def test_a_training_crash_is_retried(base_model_dir, tmp_path, monkeypatch):
+    from tasks.train import TrainingFailed
+
+    with pytest.raises(TrainingFailed, match="exited with status 1") as failed:
+        train_with_failing_job(
+            base_model_dir, tmp_path, monkeypatch, 'RuntimeError("NCCL watchdog timeout")'
+        )
+    assert is_transient(None, None, Failed(data=failed.value)) is True
