@@ -184,3 +184,22 @@ def test_step_batches_respects_the_token_budget():
     assert all(mb["num_tokens"] <= 128 for mb in mbs)
     padded = packing.step_batches(recs, token_budget=128, packing=False)
     assert sum(mb["num_targets"] for mb in padded) == sum(mb["num_targets"] for mb in mbs)
+
+
+def test_fused_loss_outside_autocast_runs_in_the_training_dtype(monkeypatch):
+    """accelerate autocasts only the model's forward and returns fp32 outputs; the loss
+    fused with the head must still run its matmuls in the training's dtype."""
+    model = tiny_llama().train()
+    batch = packing.pack(records(3, seed=6))
+    seen = []
+
+    def spy(h, weight, targets, impl):
+        seen.append((h.dtype, weight.dtype))
+        return (h.float() @ weight.float().t()).logsumexp(-1).sum()
+
+    monkeypatch.setattr(fastpath, "linear_cross_entropy_sum", spy)
+    plan = _plan("chunked")
+    fastpath.loss_sum(model, batch, plan)
+    plan.compute_dtype = "bfloat16"
+    fastpath.loss_sum(model, batch, plan)
+    assert seen == [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
