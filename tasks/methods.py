@@ -111,10 +111,15 @@ def load(cfg: TrainConfig, model_dir: Path, compute_dtype: Any, device: Any) -> 
     import torch
     from transformers import AutoModelForCausalLM
 
+    from tasks.base import trusts_remote_code
+
+    trust = trusts_remote_code(model_dir)  # base.trust_remote_code; off unless turned on
     # ----------------------------------------------------------------- where methods differ
     if cfg.method == "full":
         # fp32 master weights; autocast runs the matmuls in bf16/fp16 on a GPU
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, trust_remote_code=trust
+        )
         _after_load(model, cfg)
         return model
 
@@ -132,7 +137,11 @@ def load(cfg: TrainConfig, model_dir: Path, compute_dtype: Any, device: Any) -> 
         else:
             quant = BitsAndBytesConfig(load_in_8bit=True)
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, quantization_config=quant, dtype=compute_dtype, device_map={"": device}
+            model_dir,
+            quantization_config=quant,
+            dtype=compute_dtype,
+            device_map={"": device},
+            trust_remote_code=trust,
         )
         # norms to fp32, inputs that require grad, checkpointing wired for k-bit layers
         model = prepare_model_for_kbit_training(
@@ -144,7 +153,9 @@ def load(cfg: TrainConfig, model_dir: Path, compute_dtype: Any, device: Any) -> 
         return _peft(model, _lora_config(cfg))
 
     # lora and ptuning: the frozen base needs no fp32 master copy
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=compute_dtype, trust_remote_code=trust
+    )
     _after_load(model, cfg)
     if cfg.method == "lora":
         return _peft(model, _lora_config(cfg))

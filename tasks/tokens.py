@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,11 @@ def key(cfg: Config, data: Ref, base: Ref) -> str:
 def load_tokenizer(model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    from tasks.base import trusts_remote_code
+
+    # a tokenizer can be model code too; base.trust_remote_code decides, off unless turned on
+    trust = trusts_remote_code(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
     if tokenizer.pad_token_id is None:  # padded positions are masked; any id will do
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -156,4 +161,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
