@@ -28,7 +28,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.dataset:
         overrides.append(f"data.input={args.dataset}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides, check_machine=True)
     summary = run_pipeline(cfg, summary_path=args.summary)
     for name, stage in summary["stages"].items():
         how = "from the store" if stage["cached"] else "computed"
@@ -128,7 +128,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
+    # what `llmft run` would check up front, this machine included
+    cfg = load_config(args.config, args.set, check_machine=not args.keys)
     if args.keys:
         print("\n".join(describe()))
     else:

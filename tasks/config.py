@@ -7,15 +7,17 @@ that names each key, the value received and the fix, before anything heavy start
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+ACCELERATE_DIR = REPO_ROOT / "deploy" / "accelerate"
 
 
 class UserError(ValueError):
@@ -26,6 +28,15 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A configuration problem, naming each key, the value received and the fix."""
+
+
+class Invalid(ValueError):
+    """Raised by a field validator: the problem, and the fix to print for it (without one,
+    the message says `--set <key>=<valid value>`)."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(problem)
+        self.fix = fix
 
 
 class Section(BaseModel):
@@ -113,14 +124,15 @@ class DataConfig(Section):
         "core; 1: none). The output is the same for any value.",
     )
 
-    @model_validator(mode="after")
-    def _split_sums_to_one(self) -> DataConfig:
-        if any(r < 0 for r in self.split) or abs(sum(self.split) - 1.0) > 1e-6:
-            raise ValueError(
-                f"split ratios {list(self.split)} must be non-negative and sum to 1 "
-                "(fix: --set data.split=[0.8,0.1,0.1])"
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, split: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(r < 0 for r in split) or abs(sum(split) - 1.0) > 1e-6:
+            raise Invalid(
+                f"the ratios must be non-negative and sum to 1 (these sum to {sum(split):g})",
+                fix="--set data.split=[0.8,0.1,0.1]",
             )
-        return self
+        return split
 
 
 class BaseModelConfig(Section):
@@ -300,12 +312,16 @@ class ExportConfig(Section):
         False, description="Fault switch for tests: make the export stage fail."
     )
 
-    @model_validator(mode="after")
-    def _known_quant_types(self) -> ExportConfig:
-        unknown = [q for q in self.quantize if q not in QUANT_TYPES]
+    @field_validator("quantize")
+    @classmethod
+    def _known_quant_types(cls, quantize: list[str]) -> list[str]:
+        unknown = [q for q in quantize if q not in QUANT_TYPES]
         if unknown:
-            raise ValueError(f"unknown quantisation type(s) {unknown}; choose from {QUANT_TYPES}")
-        return self
+            raise Invalid(
+                f"unknown quantisation type(s) {unknown}; choose from {QUANT_TYPES}",
+                fix="--set export.quantize=[q8_0,q4_k_m]",
+            )
+        return quantize
 
 
 class ServeConfig(Section):
@@ -400,23 +416,173 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: {err.error_count()} problem(s) in the configuration:"]
+def _problems(err: ValidationError) -> list[str]:
+    """One line per pydantic error: the key, the value received, the fix."""
+    lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         value = e.get("input")
         if e["type"] == "extra_forbidden":
-            fix = "remove it or check the spelling (`llmft config` lists every key)"
-            lines.append(f"  - {key}: unknown key (value {value!r}); fix: {fix}")
+            fix = "remove it or check the spelling (`llmft config --keys` lists every key)"
+            lines.append(f"{key}: unknown key (value {value!r}); fix: {fix}")
             continue
         msg = e["msg"].removeprefix("Value error, ")
-        shown = repr(value) if not isinstance(value, dict) else "{…}"
-        lines.append(f"  - {key}: got {shown}: {msg}; fix: --set {key}=<valid value>")
-    return "\n".join(lines)
+        error = (e.get("ctx") or {}).get("error")
+        if isinstance(error, Invalid):
+            fix = error.fix
+        elif isinstance(value, dict) or e["type"] == "model_type":  # a section: set its keys
+            fix = f"--set {key}.<key>=<value> (`llmft config --keys` lists the keys of {key})"
+        else:
+            fix = f"--set {key}=<valid value>"
+        shown = "{…}" if isinstance(value, dict) else repr(value)
+        lines.append(f"{key}: got {shown}: {msg}; fix: {fix}")
+    return lines
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read YAML (default: configs/default.yaml), apply `--set` overrides, validate once."""
+# ------------------------------------------------------------ checks across keys, and this machine
+
+
+def accelerate_config_path(name: str) -> Path:
+    """'zero2_offload' → deploy/accelerate/zero2_offload.yaml; a path is taken as it is."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    return ACCELERATE_DIR / f"{path.stem}.yaml"
+
+
+def _accelerate_launch(t: TrainConfig) -> dict[str, Any]:
+    """The accelerate config file's settings ({} without one, or when it is missing)."""
+    if t.launcher != "accelerate" or not t.accelerate_config:
+        return {}
+    path = accelerate_config_path(t.accelerate_config)
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def train_problems(t: TrainConfig) -> list[str]:
+    """Settings of the train section that contradict each other (no model, no machine)."""
+    problems = []
+    if t.launcher == "python" and t.num_processes > 1:
+        problems.append(
+            f"train.num_processes: got {t.num_processes}: launcher='python' starts one "
+            "process; fix: --set train.launcher=accelerate or torchrun"
+        )
+    if t.accelerate_config and t.launcher != "accelerate":
+        problems.append(
+            f"train.accelerate_config: got {t.accelerate_config!r}: only launcher='accelerate' "
+            f"reads it (train.launcher is {t.launcher!r}); fix: --set train.launcher=accelerate"
+        )
+    elif t.accelerate_config:
+        path = accelerate_config_path(t.accelerate_config)
+        launch = _accelerate_launch(t)
+        stage = (launch.get("deepspeed_config") or {}).get("zero_stage")
+        if not path.is_file():
+            names = sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml"))
+            problems.append(
+                f"train.accelerate_config: got {t.accelerate_config!r}: {path} not found; "
+                f"fix: --set train.accelerate_config=<one of {names}>"
+            )
+        elif t.method == "qlora" and ("zero3" in path.stem or stage == 3):
+            problems.append(
+                f"train.accelerate_config: got {t.accelerate_config!r}: ZeRO-3 partitions the "
+                "weights, and the 4-bit weights of train.method='qlora' cannot be partitioned; "
+                "fix: --set train.accelerate_config=zero2_offload (or ddp)"
+            )
+    if t.method == "ptuning" and t.packing:
+        problems.append(
+            "train.packing: got True: with train.method='ptuning' every token of a row attends "
+            "the prefix, so packed records would share it as one sequence; "
+            "fix: --set train.packing=false"
+        )
+    return problems
+
+
+def machine_problems(t: TrainConfig) -> list[str]:
+    """What this machine lacks to train `t` (CUDA, bitsandbytes, DeepSpeed, Liger). Imports
+    torch (3-4 s) only when the config asks for something that needs CUDA."""
+    wants_cuda = t.method == "qlora" or t.device == "cuda" or t.precision == "fp16"
+    cuda = (wants_cuda or t.liger is True) and _cuda_available()
+    problems = []
+    if t.method == "qlora" and not cuda:
+        problems.append(
+            "train.method: got 'qlora': it needs a CUDA GPU (bitsandbytes quantizes on the GPU) "
+            "and this machine has none; nothing was loaded; fix: --set train.method=lora on "
+            "CPU, or train on a GPU worker (--set pipeline.train_on=gpu-pool)"
+        )
+    elif t.method == "qlora" and not _installed("bitsandbytes"):
+        problems.append(
+            "train.method: got 'qlora': it needs bitsandbytes, which is not installed; "
+            "fix: pip install 'llmft[gpu]' (or pip install bitsandbytes)"
+        )
+    if t.device == "cuda" and not cuda:
+        problems.append(
+            "train.device: got 'cuda': CUDA is not available on this machine; "
+            "fix: --set train.device=auto"
+        )
+    if t.precision == "fp16" and (t.device == "cpu" or not cuda):
+        problems.append(
+            "train.precision: got 'fp16': fp16 training needs a CUDA GPU; "
+            "fix: --set train.precision=auto (or fp32)"
+        )
+    if t.liger is True and not (cuda and _installed("liger_kernel")):
+        problems.append(
+            "train.liger: got True: Liger kernels need CUDA and liger-kernel; "
+            "fix: --set train.liger=auto"
+        )
+    if _accelerate_launch(t).get("distributed_type") == "DEEPSPEED" and not _installed("deepspeed"):
+        problems.append(
+            f"train.accelerate_config: got {t.accelerate_config!r}: it uses DeepSpeed, which is "
+            "not installed; fix: pip install deepspeed, or --set train.accelerate_config=ddp"
+        )
+    return problems
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _prefect_api_url() -> str | None:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+def trains_here(train_on: str) -> bool:
+    """Whether `llmft run` would train on this machine. 'auto' sends training to the gpu
+    pool only when a Prefect server has one with a worker online; without a server
+    configured it cannot, so the run trains here. (With a server, whether a worker is
+    online is only known when the train stage starts; it checks this machine then.)"""
+    if train_on == "auto":
+        return not _prefect_api_url()
+    return train_on == "local"
+
+
+def _section_or_none(model: type[Section], raw: Any) -> Any:
+    try:
+        return model.model_validate(raw if raw is not None else {})
+    except ValidationError:  # its problems are already in the list
+        return None
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    check_machine: bool = False,
+) -> Config:
+    """Read YAML (default: configs/default.yaml), apply `--set` overrides, validate once.
+
+    Every problem goes into one ConfigError: each key's own checks (pydantic), the train
+    settings that contradict each other, and with `check_machine` (the verbs that train:
+    `llmft run`, `llmft config`, `python -m tasks.train`) what this machine lacks to train
+    the config, when the run would train here. The train stage checks the machine that
+    trains again, and what needs the model's files (tasks/train.py `validate`).
+    """
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found (fix: --config configs/default.yaml)")
@@ -427,10 +593,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw)}")
     raw = _merge(raw, parse_overrides(overrides or []))
+    cfg, problems = None, []
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(path))) from exc
+        problems = _problems(exc)
+    # the train section may be valid on its own when another section is not
+    train = cfg.train if cfg else _section_or_none(TrainConfig, raw.get("train"))
+    if train is not None:
+        problems += train_problems(train)
+        pipeline = cfg.pipeline if cfg else _section_or_none(PipelineConfig, raw.get("pipeline"))
+        if check_machine and pipeline is not None and (found := machine_problems(train)):
+            problems += found if trains_here(pipeline.train_on) else []
+    if problems:
+        raise ConfigError(
+            f"{path}: {len(problems)} problem(s) in the configuration:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+    return cfg
 
 
 def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:

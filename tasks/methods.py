@@ -16,7 +16,6 @@ weights load; `load` builds the trainable model; `output_folder` names where it 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import struct
 from pathlib import Path
@@ -70,21 +69,11 @@ def _matches(target: str, modules: set[str]) -> bool:
     return any(m == target or m.endswith("." + target) for m in modules)  # as peft matches
 
 
-def check(cfg: TrainConfig, model_dir: Path, cuda: bool) -> list[str]:
-    """Problems of the method's settings against this model and machine (empty: fine)."""
+def check(cfg: TrainConfig, model_dir: Path) -> list[str]:
+    """Problems of the method's settings against this model (empty: fine). What the config
+    alone or the machine decides (qlora needs CUDA, ...) is checked when the config is
+    loaded: tasks/config.py `train_problems`, `machine_problems`."""
     problems = []
-    if cfg.method == "qlora":
-        if not cuda:
-            problems.append(
-                "train.method='qlora' needs a CUDA GPU (bitsandbytes quantizes on the GPU) and "
-                "this machine has none; nothing was loaded (fix: --set train.method=lora on "
-                "CPU, or run this config on a GPU worker)"
-            )
-        elif importlib.util.find_spec("bitsandbytes") is None:
-            problems.append(
-                "train.method='qlora' needs bitsandbytes (fix: pip install 'llmft[gpu]' or "
-                "pip install bitsandbytes)"
-            )
     if cfg.method in ("lora", "qlora"):
         targets = target_modules(cfg)
         modules = linear_modules(model_dir)
@@ -97,12 +86,6 @@ def check(cfg: TrainConfig, model_dir: Path, cuda: bool) -> list[str]:
                     f"{', '.join(missing) or 'empty'} not among this model's linear layers "
                     f"(fix: all-linear, or some of {leaves})"
                 )
-    if cfg.method == "ptuning" and cfg.packing:
-        problems.append(
-            "train.packing=true with train.method='ptuning': the prefix is attended by every "
-            "token of a row, so packed records would share it as one sequence "
-            "(fix: --set train.packing=false)"
-        )
     return problems
 
 

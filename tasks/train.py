@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib.util
 import json
 import os
 import signal
@@ -31,14 +30,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from flows.stage import EXIT_OOM, OutOfMemory
-from tasks.config import REPO_ROOT, Config, ConfigError, TrainConfig, UserError, load_config
+from tasks.config import (
+    REPO_ROOT,
+    Config,
+    ConfigError,
+    TrainConfig,
+    UserError,
+    accelerate_config_path,
+    load_config,
+    machine_problems,
+    train_problems,
+)
 from tasks.store import Ref, Store, make_key, write_json_atomic
 
 VERSION = "1"
-ACCELERATE_DIR = REPO_ROOT / "deploy" / "accelerate"
 MIN_CONTENT_TOKENS = 16  # room a cutoff_len must leave beyond the template's own tokens
 
 
@@ -55,36 +61,20 @@ def key(cfg: Config, data: Ref, base: Ref) -> str:
 # ----------------------------------------------------------------------------- validation
 
 
-def accelerate_config_path(name: str) -> Path:
-    """'zero2_offload' → deploy/accelerate/zero2_offload.yaml; a path is taken as it is."""
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path
-    return ACCELERATE_DIR / f"{path.stem}.yaml"
-
-
 def validate(cfg: Config, model_dir: Path) -> None:
     """Every problem of the train section at once, as a ConfigError naming each fix.
 
-    Needs the tokenizer (for the template's length) and the weights' names (read from the
-    safetensors headers); loads no weights.
+    The config's own checks run again here because a config can reach this stage without
+    `load_config` (the gpu pool's flow gets a dict), and the machine checks are for the
+    machine that trains. Then what needs the model's files: the tokenizer (for the
+    template's length), config.json and the weights' names (read from the safetensors
+    headers). Loads no weights.
     """
-    import torch
-
     from tasks import formatting, methods
     from tasks.tokens import load_tokenizer
 
     t = cfg.train
-    cuda = torch.cuda.is_available()
-    problems = methods.check(t, model_dir, cuda)
-    if t.device == "cuda" and not cuda:
-        problems.append("train.device='cuda' but CUDA is not available (fix: device=auto)")
-    on_cpu = t.device == "cpu" or not cuda
-    if t.precision == "fp16" and on_cpu:
-        problems.append("train.precision='fp16' needs a CUDA GPU (fix: precision=auto or fp32)")
-    if t.liger is True and not (cuda and importlib.util.find_spec("liger_kernel")):
-        problems.append("train.liger=true needs CUDA and liger-kernel (fix: liger=auto)")
-
+    problems = train_problems(t) + machine_problems(t) + methods.check(t, model_dir)
     try:
         tokenizer = load_tokenizer(model_dir)
         overhead = formatting.template_length(tokenizer, t.template)
@@ -104,50 +94,11 @@ def validate(cfg: Config, model_dir: Path) -> None:
             f"train.cutoff_len={t.cutoff_len} (+ prefix) exceeds the model's "
             f"max_position_embeddings={limit} (fix: --set train.cutoff_len={limit // 2})"
         )
-    problems += _launch_problems(cfg)
     if problems:
         raise ConfigError(
             f"{len(problems)} problem(s) in the train section:\n"
             + "\n".join(f"  - {p}" for p in problems)
         )
-
-
-def _launch_problems(cfg: Config) -> list[str]:
-    t = cfg.train
-    problems = []
-    if t.launcher == "python" and t.num_processes > 1:
-        problems.append(
-            f"train.num_processes={t.num_processes} with launcher='python' starts one process "
-            "(fix: --set train.launcher=accelerate or torchrun)"
-        )
-    if t.accelerate_config and t.launcher != "accelerate":
-        problems.append(
-            f"train.accelerate_config={t.accelerate_config!r} is only read by "
-            "launcher='accelerate' (fix: --set train.launcher=accelerate)"
-        )
-    if t.launcher == "accelerate" and t.accelerate_config:
-        path = accelerate_config_path(t.accelerate_config)
-        if not path.is_file():
-            names = sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml"))
-            problems.append(
-                f"train.accelerate_config={t.accelerate_config!r}: {path} not found "
-                f"(fix: one of {names})"
-            )
-        else:
-            launch = yaml.safe_load(path.read_text()) or {}
-            if launch.get("distributed_type") == "DEEPSPEED":
-                if importlib.util.find_spec("deepspeed") is None:
-                    problems.append(
-                        f"{path.name} uses DeepSpeed, which is not installed "
-                        "(fix: pip install deepspeed, or accelerate_config=ddp)"
-                    )
-                stage = (launch.get("deepspeed_config") or {}).get("zero_stage")
-                if t.method == "qlora" and ("zero3" in path.stem or stage == 3):
-                    problems.append(
-                        "train.method='qlora' with ZeRO-3: 4-bit weights cannot be partitioned "
-                        "(fix: accelerate_config=zero2_offload or ddp)"
-                    )
-    return problems
 
 
 # ----------------------------------------------------------------------------- launching
@@ -291,7 +242,7 @@ def main() -> None:
     from tasks import base as base_stage
     from tasks import data as data_stage
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set, check_machine=True)  # before base loads weights
     store = Store(cfg.pipeline.store)
     base = base_stage.run(cfg, store)
     data = data_stage.run(cfg, store, base_stage.model_dir(base))
