@@ -43,6 +43,7 @@ from tasks.ingest import (
     jsonl_shape,
     read_file,
     read_jsonl,
+    unreadable,
 )
 from tasks.store import Ref, Store, hash_file, make_key, write_json_atomic
 
@@ -286,20 +287,27 @@ def clean_dataset(
     return report
 
 
+def _hash(path: Path) -> str:
+    try:
+        return hash_file(path)
+    except OSError as exc:  # listed but unreadable (permissions, I/O error, removed since)
+        raise unreadable(path, exc) from exc
+
+
 def _inputs(cfg: Config, tokenizer_dir: Path | None) -> dict[str, str]:
     root = Path(cfg.data.input)
     files, _ = dataset_files(root)
     if root.is_file():
         # one file: its bytes and its format (the suffix), not its name, so a renamed copy
         # of a dataset version (an upload, a trigger's new path) is the same artifact
-        inputs = {f"dataset{root.suffix.lower()}": hash_file(root)}
+        inputs = {f"dataset{root.suffix.lower()}": _hash(root)}
     else:
         # a folder: the names inside it are part of the dataset (the files' order, their
         # formats, how the report and the rejects refer to them)
-        inputs = {name: hash_file(p) for p, name in zip(files, _names(root, files), strict=True)}
+        inputs = {name: _hash(p) for p, name in zip(files, _names(root, files), strict=True)}
     tok = tokenizer_dir or (Path(cfg.data.tokenizer) if cfg.data.tokenizer else None)
     if cfg.data.max_tokens and tok and (tok / "tokenizer.json").is_file():
-        inputs["tokenizer.json"] = hash_file(tok / "tokenizer.json")
+        inputs["tokenizer.json"] = _hash(tok / "tokenizer.json")
     return inputs
 
 

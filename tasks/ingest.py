@@ -78,14 +78,30 @@ def dataset_files(root: Path) -> tuple[list[Path], list[Path]]:
     return found, ignored
 
 
+def unreadable(path: Path, exc: OSError) -> DataError:
+    return DataError(
+        f"{path}: cannot read: {exc.strerror or exc} (fix: make the file readable, or move "
+        "it out of the input folder)"
+    )
+
+
+def first_byte(path: Path) -> bytes:
+    """The file's first byte after a UTF-8 byte-order mark and whitespace (b'' if none in
+    its first 4 KiB): b'[' starts a JSON array."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()[:1]
+    except OSError as exc:
+        raise unreadable(path, exc) from exc
+
+
 def read_file(path: Path, name: str, cfg: DataConfig) -> Iterator[Batch]:
     """Batches of one dataset file; `name` is how rejected.jsonl refers to it."""
     try:
         size = path.stat().st_size
-        with open(path, "rb") as f:
-            first = f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()[:1]
     except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror}") from exc
+        raise unreadable(path, exc) from exc
+    first = first_byte(path)
     if size == 0 or not first:
         raise DataError(f"{path}: the file is empty")
     suffix = path.suffix.lower()
@@ -99,10 +115,10 @@ def read_file(path: Path, name: str, cfg: DataConfig) -> Iterator[Batch]:
 
 
 def is_jsonl(path: Path) -> bool:
-    if path.suffix.lower() == ".jsonl":
-        return True
-    with open(path, "rb") as f:
-        return path.suffix.lower() == ".json" and f.read(4096).lstrip()[:1] != b"["
+    """Read as JSON Lines: a .jsonl file, or a .json file that is not one array (as read_file
+    decides, so a big array with a byte-order mark is not split into lines)."""
+    suffix = path.suffix.lower()
+    return suffix == ".jsonl" or (suffix == ".json" and first_byte(path) != b"[")
 
 
 # --- JSON ---------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def _columns_hint(path: Path, keys: list[str], cfg: DataConfig) -> str:
         f"{path}: no prompt/response columns: found {keys}; expected instruction and "
         f"output (alpaca), messages, conversations, or data.prompt_column="
         f"{cfg.prompt_column!r} and data.response_column={cfg.response_column!r}; "
-        f"fix: --set data.prompt_column={prompt} data.response_column={response}"
+        f"fix: --set data.prompt_column={prompt} --set data.response_column={response}"
     )
 
 

@@ -11,11 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from flows.cli import build_parser
 from flows.cli import main as cli
 from tasks import clean, data
 from tasks.config import UserError, load_config
 from tasks.data import clean_dataset
-from tasks.ingest import DataError
+from tasks.ingest import DataError, is_jsonl
 from tasks.store import Store
 
 ASSETS = Path(__file__).parent / "assets" / "data"
@@ -224,7 +225,11 @@ def test_csv_without_the_columns_names_what_it_found_and_the_fix(tmp_path):
         clean_dataset(ASSETS / "columns.csv", tmp_path / "out", cfg())
     msg = str(err.value)
     assert "columns.csv" in msg and "['question', 'answer', 'category']" in msg
-    assert "--set data.prompt_column=question data.response_column=answer" in msg
+    fix = msg.split("fix: ", 1)[1]
+    assert fix == "--set data.prompt_column=question --set data.response_column=answer"
+    # pasted after the command, it parses: --set takes one key=value per flag
+    args = build_parser().parse_args(["data", "--input", "x", "--output-dir", "y", *fix.split()])
+    assert args.set == ["data.prompt_column=question", "data.response_column=answer"]
     assert not (tmp_path / "out" / "train.json").exists()  # no half-written output
 
 
@@ -310,6 +315,57 @@ def test_unreadable_input_is_a_user_error(tmp_path, make, expected):
     source = make(tmp_path)
     with pytest.raises(UserError, match=expected):
         clean_dataset(source, tmp_path / "out", cfg())
+
+
+# /proc/self/mem is a regular file that any process may open and none may read at offset 0
+# (nothing is mapped there): an unreadable input even for root, whom chmod does not stop
+needs_proc = pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
+
+
+@needs_proc
+def test_a_file_that_cannot_be_read_is_a_user_error_naming_it(tmp_path, capsys):
+    source = tmp_path / "x.json"
+    source.symlink_to("/proc/self/mem")
+    argv = ["data", "--input", str(source), "--output-dir", str(tmp_path / "out")]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {source}: cannot read: ") and "Traceback" not in err
+    assert "fix: make the file readable" in err
+    # the pipeline's data stage hashes its inputs first: the same error, nothing stored
+    store = Store(tmp_path / "store")
+    with pytest.raises(DataError, match=f"{source}: cannot read: .*fix: "):
+        data.run(load_config(None, [f"data.input={source}"]), store)
+    assert not (tmp_path / "store" / "data").exists()
+
+
+def test_a_folder_named_like_a_dataset_file_is_a_user_error(tmp_path):
+    folder = tmp_path / "x.json"
+    folder.mkdir()
+    with pytest.raises(DataError, match=f"{folder}: cannot read: .*fix: "):
+        is_jsonl(folder)
+
+
+def test_json_lines_detection_skips_a_byte_order_mark(tmp_path):
+    records = [{"instruction": "q?", "output": "a."}] * 2
+    array = json.dumps(records).encode()
+    lines = b"\n".join(json.dumps(r).encode() for r in records)
+    bom = b"\xef\xbb\xbf"
+    for name, body in {"array.json": array, "lines.json": lines, "lines.jsonl": lines}.items():
+        (tmp_path / name).write_bytes(body)
+        (tmp_path / f"bom-{name}").write_bytes(bom + b" \n" + body)
+    assert not is_jsonl(tmp_path / "array.json")
+    assert not is_jsonl(tmp_path / "bom-array.json")
+    for name in ("lines.json", "bom-lines.json", "lines.jsonl", "bom-lines.jsonl"):
+        assert is_jsonl(tmp_path / name), name
+
+
+def test_a_big_json_array_with_a_byte_order_mark_is_read_as_one_array(tmp_path, monkeypatch):
+    """Big files go to worker processes when they are JSON Lines; an array must not."""
+    source = tmp_path / "bom.json"
+    source.write_bytes(b"\xef\xbb\xbf" + json.dumps(_qa(300)).encode())
+    monkeypatch.setattr(data, "CHUNK_BYTES", 1000)  # the file counts as big
+    report = clean_dataset(source, tmp_path / "out", cfg("data.workers=2"))
+    assert report["kept"] == 300 and report["rejected"] == 0
 
 
 def _write(path: Path, text: str) -> Path:
