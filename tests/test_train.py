@@ -304,7 +304,8 @@ def test_smollm2_learns_its_new_name(base_model_dir, tmp_path):
 @pytest.mark.slow
 def test_default_recipe_on_the_demo_data(test_store):
     """The bar for configs/default.yaml on this CPU: < 10 minutes of training, dev
-    loss down, ≥ 80 % of held-out self-cognition prompts answered with the name, base not.
+    loss down, ≥ 80 % of held-out self-cognition prompts answered with the name, the base
+    model in at most 20 %.
     `OMP_NUM_THREADS=1 pytest -m slow tests/test_train.py -k default_recipe -s` prints the
     table (the trained adapter is cached in .cache/test-store: delete it to time again)."""
     from peft import PeftModel
@@ -344,9 +345,9 @@ def test_default_recipe_on_the_demo_data(test_store):
     print("| prompt | base | tuned |\n| --- | --- | --- |")
     for r, b, t in zip(identity, plain, tuned, strict=True):
         print(f"| {r['instruction']} | {b[:60]} | {t[:60]} |".replace("\n", " "))
-    # the bar is 10 minutes on an idle 2-core machine; on a shared one, other jobs' load
-    # stretches the wall clock, so the job's own CPU time (run with OMP_NUM_THREADS=1) counts
-    assert seconds < 600 or metrics["cpu_seconds"] < 600
+    # the bar: under 10 minutes of wall-clock training on this 2-core machine
+    assert seconds < 600
     assert metrics["dev_loss"]["after"] < metrics["dev_loss"]["before"]
     assert len(identity) >= 5 and name_rate(tuned, name) >= 0.8
-    assert name_rate(plain, name) < 0.5
+    # "while the base model does not": a name as common as Lexi may come up by chance, rarely
+    assert name_rate(plain, name) <= 0.2
