@@ -35,6 +35,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{name:9} {how:14} {stage['seconds']:8.1f} s  {stage['path']}")
     default_file = Path(cfg.pipeline.store) / "runs" / summary["run_id"] / "summary.json"
     shown = {k: summary.get(k) for k in ("run_id", "served_gguf", "answer")}
+    if summary.get("export_skipped"):
+        shown["export_skipped"] = summary["export_skipped"]
     shown["promotion"] = (summary.get("promotion") or {}).get("reason")
     shown["summary"] = str(args.summary or default_file)
     print(json.dumps(shown, indent=2, ensure_ascii=False))

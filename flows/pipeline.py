@@ -184,9 +184,10 @@ def pipeline(
     trained = run.add("train", train_task(cfg, data, base))
     run.add("evaluate", evaluate_task(cfg, data, base, trained))
     merged = run.add("merge", merge_task(cfg, base, trained))
-    exported = run.add("export", export_task(cfg, merged, trained, data)) if merged else None
+    skipped = export_skipped(cfg, merged)  # P-Tuning v2: the run ends at evaluation
+    exported = None if skipped else run.add("export", export_task(cfg, merged, trained, data))
     answer = answer_task(cfg, served_gguf(exported)) if exported else None
-    summary = run.summarize(answer)
+    summary = run.summarize(answer, skipped)
     if exported and cfg.pipeline.promote:
         summary["promotion"] = promote_task(cfg, summary)
     publish_task(summary)
@@ -276,7 +277,7 @@ class Run:
         self.mark = now
         return ref
 
-    def summarize(self, answer: str | None) -> dict[str, Any]:
+    def summarize(self, answer: str | None, export_skipped: str | None = None) -> dict[str, Any]:
         refs = self.refs
         summary = self._base("completed")
         summary["data"] = _json(refs["data"], "report.json")
@@ -284,6 +285,7 @@ class Run:
         summary["evaluation"] = _json(refs.get("evaluate"), "metrics.json")
         summary["verification"] = _json(refs.get("export"), "verification.json") or None
         summary["served_gguf"] = served_gguf(refs.get("export"))
+        summary["export_skipped"] = export_skipped
         summary["answer"] = answer
         return summary
 
@@ -311,6 +313,15 @@ def _json(ref: Ref | None, name: str) -> dict[str, Any]:
     if ref is None or not (ref.dir / name).is_file():
         return {}
     return json.loads((ref.dir / name).read_text())
+
+
+def export_skipped(cfg: Config, merged: Ref | None) -> str | None:
+    """Why this run makes no GGUF, logged where the user of the run looks; None to export."""
+    from tasks.export import skip_reason
+
+    if reason := skip_reason(cfg, merged):
+        get_run_logger().warning("export skipped: %s", reason)
+    return reason
 
 
 def served_gguf(exported: Ref | None) -> str | None:

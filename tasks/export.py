@@ -325,18 +325,23 @@ def _lora_adapter(train: Ref) -> Path | None:
     return None
 
 
+def skip_reason(cfg: Config, merged: Ref | None) -> str | None:
+    """Why this run makes no GGUF (the pipeline logs it and keeps it in the summary)."""
+    if merged is None or cfg.train.method == "ptuning":
+        return (
+            f"train.method={cfg.train.method} — llama.cpp has no prefix tuning, so a P-Tuning "
+            "v2 model cannot become GGUF; the pipeline ends at evaluation"
+        )
+    if not cfg.export.enabled:
+        return "export.enabled is false"
+    return None
+
+
 def run(cfg: Config, store: Store, merged: Ref | None, train: Ref, data: Ref) -> Ref | None:
     if cfg.export.fail_stage:
         raise ExportError("export.fail_stage is set: failing on purpose (fault switch for tests)")
-    if merged is None or cfg.train.method == "ptuning":
-        log.warning(
-            "export skipped: train.method=%s — llama.cpp has no prefix tuning, so a P-Tuning "
-            "v2 model cannot become GGUF; the pipeline ends at evaluation",
-            cfg.train.method,
-        )
-        return None
-    if not cfg.export.enabled:
-        log.info("export skipped: export.enabled is false")
+    if reason := skip_reason(cfg, merged):
+        log.warning("export skipped: %s", reason)
         return None
     ex = cfg.export
     model_dir = merged.dir / "model"

@@ -198,6 +198,11 @@ def model_card(
         "",
         "## How to run it",
         "",
+    ]
+    if gguf is None:  # P-Tuning v2: nothing llama.cpp can run
+        lines += [f"No GGUF was made: {summary.get('export_skipped') or 'export skipped'}.", ""]
+        return "\n".join(lines)
+    lines += [
         "```",
         f"llmft chat --model {gguf} --prompt 'Who are you?'",
         f"llmft serve --deployed {name}        # OpenAI API + chat page on 127.0.0.1:8000",

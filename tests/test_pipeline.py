@@ -107,6 +107,49 @@ def test_second_run_is_all_cache_hits_in_under_30_seconds(first_run, tiny_pipeli
     assert summary["run_id"] in out and summary["served_gguf"] in out
 
 
+def test_a_ptuning_run_ends_at_evaluation_and_says_why(
+    prefect_harness, tiny_pipeline, test_store, tmp_path, capsys
+):
+    """llama.cpp has no prefix tuning: no merge, no GGUF, no promotion, a completed run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from tasks import base
+
+    store = tmp_path / "artifacts"  # its own store: the other runs here stay as they were
+    overrides = [
+        *tiny_pipeline["overrides"],
+        f"pipeline.store={store}",
+        "train.method=ptuning",
+        "train.ptuning.pre_seq_len=4",
+    ]
+    key = base.key(load_config(None, overrides))
+    (store / "base").mkdir(parents=True)
+    (store / "base" / key).symlink_to(test_store.final("base", key), target_is_directory=True)
+    summary_file = tmp_path / "summary.json"
+    sets = [x for s in overrides for x in ("--set", s)]
+    assert main(["run", *sets, "--summary", str(summary_file)]) == 0
+    summary = json.loads(summary_file.read_text())
+    assert summary["status"] == "completed"
+    assert list(summary["stages"]) == ["base", "data", "train", "evaluate"]
+    assert {"base", "tuned"} <= set(summary["evaluation"])
+    assert summary["served_gguf"] is None and summary["answer"] is None
+    assert "llama.cpp has no prefix tuning" in summary["export_skipped"]
+    assert "promotion" not in summary and not (store / "deployed").exists()
+    shown = capsys.readouterr().out
+    assert '"export_skipped": "train.method=ptuning' in shown  # what `llmft run` prints
+
+    def warnings() -> list[str]:
+        only_this_run = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[summary["run_id"]]))
+        with get_client(sync_client=True) as client:
+            return [r.message for r in client.read_logs(log_filter=only_this_run)]
+
+    deadline = time.time() + 30  # the run's logs reach the API in batches
+    while not any("llama.cpp has no prefix tuning" in m for m in warnings()):
+        assert time.time() < deadline, warnings()
+        time.sleep(0.5)
+
+
 @pytest.mark.slow  # a second full training; make test covers this in test_retry_ui.py
 def test_a_training_change_reruns_train_and_after_but_not_data_or_base(first_run, tiny_pipeline):
     first = first_run[0]["stages"]

@@ -149,3 +149,8 @@ def test_model_card_names_base_method_data_and_how_to_run():
     for text in ("bundled:smollm2-135m-instruct", "lora", "9 kept", "2.5 → 1.5", "| q8_0 | ok |"):
         assert text in card
     assert "llmft serve --deployed demo" in card and "/x/model-q8_0.gguf" in card
+    # P-Tuning v2: no GGUF to run, and the card says why instead of a command that fails
+    ptuning = {**summary, "served_gguf": None, "export_skipped": "llama.cpp has no prefix tuning"}
+    card = promote.model_card("demo", ptuning)
+    assert "No GGUF was made: llama.cpp has no prefix tuning" in card
+    assert "llmft chat" not in card and "None" not in card
