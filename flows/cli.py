@@ -28,7 +28,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.dataset:
         overrides.append(f"data.input={args.dataset}")
-    cfg = load_config(args.config, overrides, check_machine=True)
+    cfg = load_config(args.config, overrides, for_training=True)
     summary = run_pipeline(cfg, summary_path=args.summary)
     for name, stage in summary["stages"].items():
         how = "from the store" if stage["cached"] else "computed"
@@ -131,7 +131,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     # what `llmft run` would check up front, this machine included
-    cfg = load_config(args.config, args.set, check_machine=not args.keys)
+    cfg = load_config(args.config, args.set, for_training=not args.keys)
     if args.keys:
         print("\n".join(describe()))
     else:

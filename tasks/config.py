@@ -573,15 +573,18 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     *,
-    check_machine: bool = False,
+    for_training: bool = False,
 ) -> Config:
     """Read YAML (default: configs/default.yaml), apply `--set` overrides, validate once.
 
-    Every problem goes into one ConfigError: each key's own checks (pydantic), the train
-    settings that contradict each other, and with `check_machine` (the verbs that train:
-    `llmft run`, `llmft config`, `python -m tasks.train`) what this machine lacks to train
-    the config, when the run would train here. The train stage checks the machine that
-    trains again, and what needs the model's files (tasks/train.py `validate`).
+    Every problem goes into one ConfigError: each key's own checks (pydantic) and, with
+    `for_training` (the verbs that train or preview it: `llmft run`, `llmft config`,
+    `python -m tasks.train`), the train settings that contradict each other and, when the
+    run would train here, what this machine lacks to train the config. Other verbs skip
+    those: `llmft plan` reads accelerate_config for the ZeRO stage whatever the launcher,
+    and a CPU host may serve what a GPU recipe trained. The train stage checks all of it
+    again on the machine that trains, with what needs the model's files
+    (tasks/train.py `validate`).
     """
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.is_file():
@@ -600,10 +603,10 @@ def load_config(
         problems = _problems(exc)
     # the train section may be valid on its own when another section is not
     train = cfg.train if cfg else _section_or_none(TrainConfig, raw.get("train"))
-    if train is not None:
+    if for_training and train is not None:
         problems += train_problems(train)
         pipeline = cfg.pipeline if cfg else _section_or_none(PipelineConfig, raw.get("pipeline"))
-        if check_machine and pipeline is not None and (found := machine_problems(train)):
+        if pipeline is not None and (found := machine_problems(train)):
             problems += found if trains_here(pipeline.train_on) else []
     if problems:
         raise ConfigError(

@@ -242,7 +242,7 @@ def main() -> None:
     from tasks import base as base_stage
     from tasks import data as data_stage
 
-    cfg = load_config(args.config, args.set, check_machine=True)  # before base loads weights
+    cfg = load_config(args.config, args.set, for_training=True)  # before base loads weights
     store = Store(cfg.pipeline.store)
     base = base_stage.run(cfg, store)
     data = data_stage.run(cfg, store, base_stage.model_dir(base))

@@ -2,7 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import CONFIG_DIR, Config, ConfigError, load_config, parse_overrides
+from tasks.config import (
+    CONFIG_DIR,
+    Config,
+    ConfigError,
+    load_config,
+    parse_overrides,
+    train_problems,
+)
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -15,6 +22,7 @@ def test_there_are_shipped_configs():
 def test_every_shipped_yaml_loads(path: Path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
+    assert train_problems(cfg.train) == []  # what `llmft run` checks before anything loads
 
 
 def test_overrides_nest_and_parse_yaml_values():
@@ -90,8 +98,14 @@ def test_a_section_given_a_value_says_to_set_its_keys():
 )
 def test_train_settings_that_contradict_each_other_stop_the_load(overrides, line):
     with pytest.raises(ConfigError) as err:
-        load_config(None, overrides)  # on any machine, with or without check_machine
+        load_config(None, overrides, for_training=True)  # on any machine
     assert line in str(err.value) and "fix: " in str(err.value)
+
+
+def test_other_verbs_skip_the_train_checks():
+    """`llmft plan` picks its ZeRO row from accelerate_config, whatever the launcher."""
+    cfg = load_config(None, ["train.method=full", "train.accelerate_config=zero3_offload"])
+    assert cfg.train.accelerate_config == "zero3_offload"
 
 
 @pytest.fixture
@@ -108,9 +122,9 @@ def no_cuda_no_server(monkeypatch):
 
 def test_what_this_machine_lacks_joins_the_other_problems(no_cuda_no_server):
     overrides = ["train.method=qlora", "train.precision=fp16", "data.split=[1,1,1]"]
-    load_config(None, overrides[:2])  # without check_machine (plan, serve, chat): fine
+    load_config(None, overrides[:2])  # not for training (plan, serve, chat): fine
     with pytest.raises(ConfigError) as err:
-        load_config(None, overrides, check_machine=True)
+        load_config(None, overrides, for_training=True)
     msg = str(err.value)
     assert "3 problem(s) in the configuration" in msg
     for key in ("data.split: got [1, 1, 1]", "train.method: got 'qlora'", "train.precision"):
@@ -121,12 +135,12 @@ def test_what_this_machine_lacks_joins_the_other_problems(no_cuda_no_server):
 def test_the_machine_is_checked_where_training_runs(no_cuda_no_server, monkeypatch):
     qlora = ["train.method=qlora"]
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
-        load_config(None, [*qlora, "pipeline.train_on=local"], check_machine=True)
+        load_config(None, [*qlora, "pipeline.train_on=local"], for_training=True)
     # the gpu pool trains it: its worker's train stage checks its own machine
-    load_config(None, [*qlora, "pipeline.train_on=gpu-pool"], check_machine=True)
+    load_config(None, [*qlora, "pipeline.train_on=gpu-pool"], for_training=True)
     # auto with a server configured: the gpu pool may take it, known only when training starts
     monkeypatch.setattr(no_cuda_no_server, "_prefect_api_url", lambda: "http://gpu-host/api")
-    load_config(None, qlora, check_machine=True)
+    load_config(None, qlora, for_training=True)
 
 
 def _no_model_loads(monkeypatch):
