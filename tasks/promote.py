@@ -1,6 +1,7 @@
 """Promote stage: make a run's served GGUF the deployed model, if it is at least as good.
 
     artifacts/deployed/<name>/current.json   {"gguf", "run_id", "evaluation", "promoted_at"}
+    artifacts/deployed/<name>/model.gguf     a symlink to that GGUF (`llmft chat --model` it)
     artifacts/deployed/<name>/MODEL_CARD.md  base, method, data, metrics, how to run it
     artifacts/deployed/<name>/history.jsonl  every decision, promoted or not, with its reason
 
@@ -11,8 +12,9 @@ candidate is promoted when its score is >= the deployed one's (ties promote: the
 run has seen the newer data). Both models are scored by the same engine on the same
 prompts, so a change of test split between runs cannot make the comparison unfair.
 
-`current.json` is replaced atomically, so `llmft serve --deployed NAME` never reads half
-of it and picks up a new promotion without a restart.
+`current.json` and `model.gguf` are replaced atomically, so `llmft serve --deployed NAME`
+never reads half of the pointer and picks up a new promotion without a restart, and a
+`llmft chat` started mid-promotion opens the old model or the new one, never no file.
 
 Run alone: `python -m tasks.promote --summary artifacts/runs/latest.json`.
 """
@@ -90,6 +92,14 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _link_atomic(link: Path, target: Path) -> None:
+    # A symlink cannot be overwritten in place: make it under a temp name, rename over.
+    tmp = link.with_name(link.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
 def promote(
     store_root: str | Path,
     name: str,
@@ -151,7 +161,10 @@ def promote(
                 "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             _write_text_atomic(folder / "MODEL_CARD.md", model_card)
+            _link_atomic(folder / "model.gguf", gguf)
             write_json_atomic(folder / "current.json", pointer)  # last: the switch-over
+        elif now and not (folder / "model.gguf").is_symlink():  # deployed before the link
+            _link_atomic(folder / "model.gguf", Path(now["gguf"]))
         with open(folder / "history.jsonl", "a", encoding="utf-8") as f:
             entry = {"run_id": run_id, "gguf": str(gguf), "at": time.time(), **decision}
             f.write(json.dumps(entry) + "\n")

@@ -1,6 +1,7 @@
 """Promotion: the pointer moves only to a model at least as good on the same test prompts."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,13 @@ def scorer_from(scores: dict[str, float]):
     return scorer
 
 
+def linked(tmp_path) -> Path:
+    """What `artifacts/deployed/demo/model.gguf` points at (an absolute path)."""
+    link = promote.deployed_dir(tmp_path / "store", "demo") / "model.gguf"
+    assert link.is_symlink()
+    return Path(os.readlink(link))
+
+
 def do_promote(tmp_path, gguf, run_id, scorer, records=RECORDS):
     return promote.promote(
         tmp_path / "store",
@@ -58,6 +66,7 @@ def test_first_model_is_promoted_with_card_and_pointer(tmp_path):
     assert now["promoted_at"].endswith("Z")
     folder = promote.deployed_dir(tmp_path / "store", "demo")
     assert (folder / "MODEL_CARD.md").read_text() == "# card of run-a\n"
+    assert linked(tmp_path) == a.resolve() and (folder / "model.gguf").read_bytes() == b"GGUF"
     assert not list(folder.glob("*.tmp"))
 
 
@@ -71,6 +80,7 @@ def test_worse_model_is_kept_out_and_the_reason_recorded(tmp_path):
     assert "candidate 0.4000 < deployed 0.6000" in decision["reason"]
     assert sorted(scorer.calls) == ["a.gguf", "b.gguf"]
     assert promote.current(tmp_path / "store", "demo")["run_id"] == "run-a"
+    assert linked(tmp_path) == a.resolve()
     folder = promote.deployed_dir(tmp_path / "store", "demo")
     assert (folder / "MODEL_CARD.md").read_text() == "# card of run-a\n"
     history = [json.loads(x) for x in (folder / "history.jsonl").read_text().splitlines()]
@@ -83,10 +93,21 @@ def test_equal_or_better_model_is_promoted(tmp_path):
     do_promote(tmp_path, a, "run-a", scorer_from({}))
     tie = do_promote(tmp_path, b, "run-b", scorer_from({"a.gguf": 0.5, "b.gguf": 0.5}))
     assert tie["decision"] == "promoted"
+    assert linked(tmp_path) == b.resolve()  # the link moved with the pointer
     better = do_promote(tmp_path, c, "run-c", scorer_from({"b.gguf": 0.5, "c.gguf": 0.7}))
     assert better["decision"] == "promoted"
     now = promote.current(tmp_path / "store", "demo")
     assert now["run_id"] == "run-c" and now["promotion"]["candidate"] == 0.7
+    assert linked(tmp_path) == c.resolve() == Path(now["gguf"])
+    assert not list(promote.deployed_dir(tmp_path / "store", "demo").glob("*.tmp"))
+
+
+def test_a_model_deployed_before_the_link_gets_it(tmp_path):
+    a = fake_gguf(tmp_path, "a.gguf")
+    do_promote(tmp_path, a, "run-a", scorer_from({}))
+    (promote.deployed_dir(tmp_path / "store", "demo") / "model.gguf").unlink()
+    assert do_promote(tmp_path, a, "run-a2", scorer_from({}))["decision"] == "unchanged"
+    assert linked(tmp_path) == a.resolve()
 
 
 def test_same_gguf_again_is_unchanged_without_scoring(tmp_path):
