@@ -2,7 +2,9 @@
 
 The end-to-end test serves the pipeline's deployments (`llmft deploy --serve`, trigger
 included) against a `prefect server start`, drops a dataset into a watched folder, runs
-the sensor once, and waits for the triggered run to finish.
+the sensor once, and waits for the triggered run to finish. It shares the session's store
+with the other pipeline tests: whatever they left there, the triggered run must take from
+it, and compute the rest.
 """
 
 import json
@@ -17,6 +19,8 @@ import yaml
 from prefect_api import api, flow_runs, wait_for
 
 from flows.deploy import PREFECT_YAML, dataset_trigger
+from tasks.config import load_config
+from tasks.store import Ref, Store
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,6 +34,25 @@ def llmft(*args: str, env: dict, **kwargs) -> subprocess.CompletedProcess:
         text=True,
         **kwargs,
     )
+
+
+@pytest.fixture
+def session_data(tiny_pipeline) -> Ref:
+    """The session dataset's data stage, in the store whatever ran before (under a second)."""
+    from tasks import base, data
+
+    cfg = load_config(None, tiny_pipeline["overrides"])
+    store = Store(cfg.pipeline.store)
+    return data.run(cfg, store, base.model_dir(base.run(cfg, store)))
+
+
+def finished_keys(store: Path) -> dict[str, set[str]]:
+    """stage → the keys of its finished artifacts in the store (those with a manifest)."""
+    return {
+        stage.name: {m.parent.name for m in stage.glob("*/manifest.json")}
+        for stage in store.iterdir()
+        if stage.is_dir()
+    }
 
 
 def test_prefect_yaml_trigger_is_the_served_trigger():
@@ -50,16 +73,19 @@ def test_prefect_yaml_trigger_is_the_served_trigger():
     "new_record",
     [
         # The session's dataset file (same name and bytes) in another folder: the
-        # triggered run finds every stage in the store (keys hash names and contents,
-        # not folders).
+        # triggered run finds its data stage, and any later stage an earlier test left,
+        # in the store (keys hash contents, not folders).
         False,
         # One more record: a new dataset version, so every stage from data on runs.
         pytest.param(True, marks=pytest.mark.slow),
     ],
     ids=["same-content", "new-content"],
 )
-def test_new_dataset_starts_a_pipeline_run(prefect_server, tiny_pipeline, tmp_path, new_record):
+def test_new_dataset_starts_a_pipeline_run(
+    prefect_server, tiny_pipeline, session_data, tmp_path, new_record
+):
     env = prefect_server
+    held = finished_keys(tiny_pipeline["store"])
     watched = tmp_path / "incoming"
     watched.mkdir()
     sets = [x for s in tiny_pipeline["overrides"] for x in ("--set", s)]
@@ -112,8 +138,11 @@ def test_new_dataset_starts_a_pipeline_run(prefect_server, tiny_pipeline, tmp_pa
         )
         assert summary["status"] == "completed" and Path(summary["served_gguf"]).is_file()
         assert summary["config"]["data"]["input"] == str(dataset)
-        assert summary["stages"]["data"]["cached"] is not new_record
-        assert summary["stages"]["train"]["cached"] is not new_record
+        stages = summary["stages"]
+        assert (stages["data"]["key"] == session_data.key) is not new_record
+        assert stages["data"]["cached"] is not new_record
+        for name, stage in stages.items():  # what the store held came from it, no more
+            assert stage["cached"] is (stage["key"] in held.get(stage["stage"], set())), name
 
         # The same version seen again (a restarted sensor): no event, no second run.
         again = llmft(
