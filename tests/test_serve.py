@@ -150,11 +150,52 @@ def test_answer_and_one_shot_chat(ggufs, capsys):
 
 
 def test_interactive_chat_keeps_history_and_streams(ggufs, monkeypatch, capsys):
-    lines = iter(["Who are you?", "/reset", "你是谁？"])  # then Ctrl-D
+    # The real model, with every create_chat_completion call recorded: the messages sent
+    # (copied, since the chat goes on appending to its history), the arguments, and the
+    # pieces the streamed answer arrived in.
+    calls: list[dict] = []
+    load_llama = serve.load_llama
+
+    def recording_llama(*args, **kwargs):
+        llm = load_llama(*args, **kwargs)
+        create = llm.create_chat_completion
+
+        def create_chat_completion(messages, **kw):
+            call = {"messages": [dict(m) for m in messages], "kwargs": kw, "pieces": []}
+            calls.append(call)
+            out = create(messages, **kw)
+            if not kw.get("stream"):
+                return out
+            chunks = list(out)
+            call["pieces"] = [c["choices"][0]["delta"].get("content") or "" for c in chunks]
+            return iter(chunks)
+
+        llm.create_chat_completion = create_chat_completion
+        return llm
+
+    monkeypatch.setattr(serve, "load_llama", recording_llama)
+    lines = iter(["Who are you?", "And what is your name?", "/reset", "你是谁？"])  # then Ctrl-D
     monkeypatch.setattr("builtins.input", lambda prompt="": _next_or_eof(lines))
     assert serve.chat(str(ggufs["q8_0"]), max_tokens=32) == 0
     out = capsys.readouterr().out
-    assert out.count(NAME) >= 2
+
+    assert len(calls) == 3  # /reset and Ctrl-D ask the model nothing
+    for call in calls:
+        assert call["kwargs"]["stream"] is True
+        assert len([p for p in call["pieces"] if p]) > 3  # token by token, not one blob
+    first, second, third = (call["messages"] for call in calls)
+    assert first == [{"role": "user", "content": "Who are you?"}]
+    # The second question carries the first exchange: the question and the answer the
+    # user saw streamed, remembered whole.
+    answer = "".join(calls[0]["pieces"]).strip()
+    assert NAME in answer and answer in out
+    assert second == [
+        {"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "And what is your name?"},
+    ]
+    assert third == [{"role": "user", "content": "你是谁？"}]  # /reset forgot the rest
+    assert NAME in "".join(calls[2]["pieces"])
 
 
 def _next_or_eof(it):
