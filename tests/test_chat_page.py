@@ -1,5 +1,10 @@
-"""The chat page at `/`, in headless Chromium: type a question, watch the answer stream in."""
+"""The chat page at `/`, in headless Chromium: type a question, watch the answer stream in.
 
+Without Chromium a local run skips the browser test; in CI (`CI=true`) it fails, so a CI
+run cannot pass without it.
+"""
+
+import os
 import shutil
 
 import pytest
@@ -8,11 +13,7 @@ from serving_fixtures import NAME, LiveServer, make_export
 from tasks import serve
 from tasks.config import ServeConfig
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(
-    shutil.which("chromium") is None,
-    reason="Debian's chromium is not installed (make browser, or apt-get install chromium)",
-)
+MISSING = "Debian's chromium is not installed (make browser, or apt-get install chromium)"
 ARGS = [
     "--headless",
     "--no-sandbox",
@@ -21,6 +22,15 @@ ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+
+
+def require_chromium() -> str:
+    """Chromium's path; without it, skip here and fail in CI."""
+    if path := shutil.which("chromium"):
+        return path
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{MISSING}; CI=true, where the browser test must run", pytrace=False)
+    pytest.skip(MISSING)
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +43,30 @@ def server(test_store, base_model_dir):
 
 @pytest.fixture(scope="module")
 def page():
+    chromium = require_chromium()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = p.chromium.launch(executable_path=chromium, args=ARGS)
         yield browser.new_page()
         browser.close()
 
 
-def test_question_gets_a_streamed_answer(server, page):
+def test_without_chromium_ci_fails_and_a_local_run_skips(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="make browser, or apt-get install chromium"):
+        require_chromium()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="make browser"):
+        require_chromium()
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setenv("CI", "true")
+    assert require_chromium() == "/usr/bin/chromium"
+
+
+# `page` before `server`: without Chromium the test stops before a model is built for it.
+def test_question_gets_a_streamed_answer(page, server):
     # Record every text the answer bubble shows: a streamed answer grows through several.
     page.goto(server.url + "/")
     page.wait_for_function("document.getElementById('model').textContent.length > 0")
