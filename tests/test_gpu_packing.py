@@ -123,6 +123,7 @@ def test_packed_and_padded_training_give_the_same_losses():
         batch_size=4,
         cutoff_len=1024,
         precision="auto",
+        grad_accum=1,
     )
     plan = fastpath.prepare(packed_model, train_cfg, "cuda")
     assert plan.attention == fastpath.ATTN_NAME and plan.fused_lora and plan.fused_loss != "off"
