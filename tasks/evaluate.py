@@ -185,7 +185,7 @@ def load_models(cfg: Config, base: Ref, train: Ref) -> tuple[Any, Any, Any]:
     if (train.dir / "model").is_dir():  # full fine-tuning: two separate models
         tuned = load(train.dir / "model").eval()
         base_model = load(base.dir / "model").eval() if cfg.evaluate.compare_base else None
-        tokenizer = AutoTokenizer.from_pretrained(train.dir / "model")
+        tokenizer = AutoTokenizer.from_pretrained(train.dir / "model", trust_remote_code=trust)
         as_base = (lambda: _Swap(base_model)) if base_model is not None else None
         return tuned, as_base, tokenizer
     from peft import PeftModel
@@ -193,7 +193,9 @@ def load_models(cfg: Config, base: Ref, train: Ref) -> tuple[Any, Any, Any]:
     adapter = train.dir / "adapter"
     tuned = PeftModel.from_pretrained(load(base.dir / "model"), adapter).eval()
     has_tokenizer = (adapter / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else base.dir / "model")
+    tokenizer = AutoTokenizer.from_pretrained(
+        adapter if has_tokenizer else base.dir / "model", trust_remote_code=trust
+    )
     return tuned, (tuned.disable_adapter if cfg.evaluate.compare_base else None), tokenizer
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from tasks.base import trusts_remote_code
 from tasks.config import Config, UserError, load_config
 from tasks.store import Ref, Store, make_key
 
@@ -51,17 +52,22 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out: Path) -> None:
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(base_dir)
+    trust = trusts_remote_code(base_dir)  # base.trust_remote_code; off unless turned on
+    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust)
     saved_dtype = getattr(config, "dtype", None) or torch.float32
     if isinstance(saved_dtype, str):
         saved_dtype = getattr(torch, saved_dtype)
     # fp32 for the arithmetic W + (alpha/r)·B·A; bf16 adds would round small updates away.
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=torch.float32, trust_remote_code=trust
+    )
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     model = model.to(saved_dtype)
     model.save_pretrained(out, safe_serialization=True)
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir if has_tokenizer else base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(
+        adapter_dir if has_tokenizer else base_dir, trust_remote_code=trust
+    )
     tokenizer.save_pretrained(out)
 
 

@@ -134,3 +134,24 @@ def test_a_folder_the_base_stage_did_not_make_runs_no_model_code(tmp_path):
     assert base.trusts_remote_code(folder) is False
     (tmp_path / "manifest.json").write_text(json.dumps({"trust_remote_code": "yes"}))
     assert base.trusts_remote_code(folder) is False  # only a recorded true turns it on
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_merge_loads_the_base_with_the_configs_trust_remote_code(tmp_path, monkeypatch, trust):
+    import transformers
+
+    from tasks import merge
+
+    seen = []
+
+    def from_pretrained(path, *args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code", "not given"))
+        raise _Stop
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+    folder = model_folder(tmp_path, *COMPLETE)
+    overrides = [f"base.model={folder}"] + (["base.trust_remote_code=true"] if trust else [])
+    ref = base.run(load_config(None, overrides), Store(tmp_path / "store"))
+    with pytest.raises(_Stop):
+        merge.merge_adapter(base.model_dir(ref), tmp_path / "adapter", tmp_path / "out")
+    assert seen == [trust]
