@@ -37,7 +37,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     shown = {k: summary.get(k) for k in ("run_id", "served_gguf", "answer")}
     if summary.get("export_skipped"):
         shown["export_skipped"] = summary["export_skipped"]
-    shown["promotion"] = (summary.get("promotion") or {}).get("reason")
+    promotion = summary.get("promotion") or {}
+    if promotion:  # "promoted: nothing was deployed as 'default'" reads as what happened
+        shown["promotion"] = f"{promotion.get('decision')}: {promotion.get('reason')}"
     shown["summary"] = str(args.summary or default_file)
     print(json.dumps(shown, indent=2, ensure_ascii=False))
     return 0

@@ -105,6 +105,7 @@ def test_second_run_is_all_cache_hits_in_under_30_seconds(first_run, tiny_pipeli
     out = capsys.readouterr().out
     assert out.count("from the store") == len(STAGES)
     assert summary["run_id"] in out and summary["served_gguf"] in out
+    assert '"promotion": "unchanged: this GGUF is already deployed"' in out
 
 
 def test_a_ptuning_run_ends_at_evaluation_and_says_why(
