@@ -32,11 +32,12 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from tasks.config import REPO_ROOT, Config, UserError
+# EXIT_OOM and OutOfMemory are the tasks layer's: the training stage raises them too
+from tasks.config import EXIT_OOM, REPO_ROOT, Config, OutOfMemory, UserError
 from tasks.store import Ref, Store
 
 FAULT_ENV = "LLMFT_FAIL_STAGE"
-EXIT_USER, EXIT_FAULT, EXIT_OOM = 2, 3, 4
+EXIT_USER, EXIT_FAULT = 2, 3
 
 
 class StageFailed(RuntimeError):
@@ -45,10 +46,6 @@ class StageFailed(RuntimeError):
 
 class FaultInjected(RuntimeError):
     """The stage failed because a fault switch asked it to (not worth retrying in-run)."""
-
-
-class OutOfMemory(RuntimeError):
-    """The stage ran out of (GPU) memory; the same settings will run out again."""
 
 
 def stage_key(stage: str, cfg: Config, **inputs: Ref | None) -> str:

@@ -26,6 +26,13 @@ class UserError(ValueError):
     exit_code = 2
 
 
+EXIT_OOM = 4  # a stage's child process ran out of memory
+
+
+class OutOfMemory(RuntimeError):
+    """A stage ran out of (GPU) memory; the same settings will run out again."""
+
+
 class ConfigError(UserError):
     """A configuration problem, naming each key, the value received and the fix."""
 

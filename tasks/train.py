@@ -30,11 +30,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flows.stage import EXIT_OOM, OutOfMemory
 from tasks.config import (
+    EXIT_OOM,
     REPO_ROOT,
     Config,
     ConfigError,
+    OutOfMemory,
     TrainConfig,
     UserError,
     accelerate_config_path,

@@ -21,7 +21,7 @@ class OneProcess:
     scaler = None
 
     def wait_for_everyone(self) -> None:
-        pass
+        """One process: nobody to wait for."""
 
     def unwrap_model(self, model):
         return model
