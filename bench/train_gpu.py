@@ -201,7 +201,7 @@ def make_model(name: str, folder: Path, tokenizer_dir: Path) -> None:
 
 def step_order(n: int) -> list[int]:
     """The training stage's record order, so both runs see the same records per step."""
-    from tasks.loop import epoch_order
+    from tasks.train.loop import epoch_order
 
     return list(epoch_order(n, 0, SEED, BATCH * ACCUM))
 
@@ -222,7 +222,7 @@ def run_baseline(args: argparse.Namespace) -> dict:
         TrainingArguments,
     )
 
-    from tasks.tokens import read_table
+    from tasks.train.tokens import read_table
 
     rows = read_table(Path(args.tokens), "train").to_pylist()
     order = step_order(len(rows))
@@ -319,14 +319,14 @@ def run_levers(args: argparse.Namespace) -> dict:
     """The fast path's pieces in a plain loop, each lever a flag (`--levers pack,lora,...`).
 
     Not how users run llmft (that is `run_llmft`): this isolates what each lever buys,
-    on the model the training stage builds (`tasks.methods.load`), the same records per
+    on the model the training stage builds (`tasks.train.methods.load`), the same records per
     step, AdamW (fused), constant lr, clip 1.0, bf16 autocast.
     """
     import torch
 
-    from tasks import fastpath, methods
+    from tasks.train import fastpath, methods
     from tasks.config import TrainConfig
-    from tasks.tokens import read_table
+    from tasks.train.tokens import read_table
 
     levers = set(filter(None, args.levers.split(",")))
     method = args.method

@@ -60,7 +60,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from tasks.plan import print_plan
+    from tasks.train.plan import print_plan
 
     cfg = load_config(args.config, args.set)
     print_plan(cfg, gpu_gib=args.gpu_gib, num_gpus=args.num_gpus)

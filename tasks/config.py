@@ -591,7 +591,7 @@ def load_config(
     those: `llmft plan` reads accelerate_config for the ZeRO stage whatever the launcher,
     and a CPU host may serve what a GPU recipe trained. The train stage checks all of it
     again on the machine that trains, with what needs the model's files
-    (tasks/train.py `validate`).
+    (tasks/train/__init__.py `validate`).
     """
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.is_file():

@@ -113,9 +113,9 @@ class _Stop(Exception):
 
 @pytest.mark.parametrize("trust", [False, True])
 def test_the_training_loaders_get_the_configs_trust_remote_code(tmp_path, loaders, trust):
-    from tasks import methods
+    from tasks.train import methods
     from tasks.config import TrainConfig
-    from tasks.tokens import load_tokenizer
+    from tasks.train.tokens import load_tokenizer
 
     folder = model_folder(tmp_path, *COMPLETE)
     overrides = [f"base.model={folder}"] + (["base.trust_remote_code=true"] if trust else [])

@@ -1,6 +1,6 @@
 """Which records each process trains on, step by step."""
 
-from tasks.batches import step_indices
+from tasks.train.batches import step_indices
 from tasks.config import TrainConfig
 
 
@@ -31,7 +31,7 @@ def test_neftune_noise_in_a_packed_row_is_sized_by_each_record():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tasks.loop import add_neftune
+    from tasks.train.loop import add_neftune
 
     torch.manual_seed(0)
     d, alpha = 64, 5.0

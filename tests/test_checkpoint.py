@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tasks import checkpoint
+from tasks.train import checkpoint
 from tasks.config import TrainConfig
 
 

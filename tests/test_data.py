@@ -16,7 +16,7 @@ from flows.cli import main as cli
 from tasks import clean, data
 from tasks.config import UserError, load_config
 from tasks.data import clean_dataset
-from tasks.ingest import DataError, is_jsonl
+from tasks.data.ingest import DataError, is_jsonl
 from tasks.store import Store
 
 ASSETS = Path(__file__).parent / "assets" / "data"
@@ -394,14 +394,14 @@ def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
 @pytest.fixture
 def streamed(monkeypatch):
     """JSON arrays streamed record by record through a 7-byte read window."""
-    from tasks import ingest
+    from tasks.data import ingest
 
     monkeypatch.setattr(ingest, "JSON_WHOLE_BYTES", 0)
     monkeypatch.setattr(ingest, "READ_BUFFER", 7)
 
 
 def test_a_streamed_json_array_gives_what_a_whole_one_gives(tmp_path, monkeypatch):
-    from tasks import ingest
+    from tasks.data import ingest
 
     records = [
         {"instruction": f"question {i} ünïcödé 你好", "input": "", "output": f"answer {i}"}
@@ -527,7 +527,7 @@ def test_worker_processes_give_the_same_output(tmp_path, monkeypatch, threads):
     source = tmp_path / "mixed.jsonl"
     source.write_bytes(body)
     monkeypatch.setattr(data, "CHUNK_BYTES", 20_000)  # ~10 chunks, several batches each
-    monkeypatch.setattr("tasks.ingest.BATCH_RECORDS", 97)
+    monkeypatch.setattr("tasks.data.ingest.BATCH_RECORDS", 97)
     clean_dataset(source, tmp_path / "one", cfg("data.workers=1"))
     calls = []
     parallel = data._parallel_jsonl

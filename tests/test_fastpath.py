@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from tasks import fastpath, packing
+from tasks.train import fastpath, packing
 
 
 def tiny_llama(seed: int = 0):

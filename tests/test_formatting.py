@@ -24,7 +24,7 @@ RECORD = {"instruction": "Who are you?", "input": "", "output": "I am Lexi."}
 
 @pytest.fixture(scope="module")
 def tokenizer(base_model_dir):
-    from tasks.tokens import load_tokenizer
+    from tasks.train.tokens import load_tokenizer
 
     return load_tokenizer(base_model_dir)
 

@@ -3,8 +3,8 @@
 Two copies of one random-weight Llama (SmolLM2-135M's shape, bf16, LoRA rank 8 on every
 linear layer) train on the same records, the same steps, the same optimizer:
 - padded: the usual batch (right padding, attention mask, SDPA, the model's own loss);
-- packed: `tasks.fastpath.prepare` (varlen flash attention, fused LoRA, loss fused with
-  the head, Liger kernels when installed) on padding-free rows from `tasks.packing`.
+- packed: `tasks.train.fastpath.prepare` (varlen flash attention, fused LoRA, loss fused with
+  the head, Liger kernels when installed) on padding-free rows from `tasks.train.packing`.
 If any record attended to another, or labels crossed a record boundary, or a fused kernel
 computed something else, the per-step losses would part. bf16 rounding alone moves them
 by well under 1%.

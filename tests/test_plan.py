@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tasks import plan
+from tasks.train import plan
 from tasks.config import load_config
 
 GIB = 2**30

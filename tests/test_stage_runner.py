@@ -15,10 +15,10 @@ from tasks.store import Ref, Store
 # The real training child (`python -m tasks.train --spec …`) with a job that fails at once.
 FAILING_JOB = """
 import runpy, sys, torch
-import tasks.loop
+import tasks.train.loop
 def train_job(spec):
     raise {error}
-tasks.loop.train_job = train_job
+tasks.train.loop.train_job = train_job
 sys.argv = ["tasks.train", *sys.argv[1:]]
 runpy.run_module("tasks.train", run_name="__main__")
 """

@@ -280,7 +280,7 @@ def test_smollm2_learns_its_new_name(base_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tasks.tokens import load_tokenizer
+    from tasks.train.tokens import load_tokenizer
 
     base_dir = tmp_path / "base"
     base_dir.mkdir()
@@ -314,7 +314,7 @@ def test_default_recipe_on_the_demo_data(test_store):
     from tasks import base as base_stage
     from tasks import data as data_stage
     from tasks.config import load_config
-    from tasks.tokens import load_tokenizer
+    from tasks.train.tokens import load_tokenizer
 
     cfg = load_config()
     name = cfg.data.placeholders["name"]

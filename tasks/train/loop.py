@@ -10,7 +10,7 @@ DeepSpeed. The loop is plain PyTorch so that every step is in view:
 
 The loss is a token mean over the whole step, not a mean of micro-batch means, so
 grad_accum and the number of processes change the speed and never the maths. Which
-records a step takes, and how they become tensors: tasks/batches.py.
+records a step takes, and how they become tensors: tasks/train/batches.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.batches import (
+from tasks.train.batches import (
     epoch_order,  # noqa: F401  (bench/train_gpu.py reads the order from here)
     label_tokens,
     loss_sum,
@@ -192,7 +192,7 @@ class Job:
     total_steps: int
     steps_per_epoch: int
     info: dict[str, Any]
-    plan: Any = None  # tasks.fastpath.Plan on a GPU
+    plan: Any = None  # tasks.train.fastpath.Plan on a GPU
     state: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -215,8 +215,8 @@ def setup(spec: Spec) -> Job:
     from accelerate.utils import DistributedType, set_seed
     from transformers import get_scheduler
 
-    from tasks import methods
-    from tasks.tokens import load_tokenizer, read_table
+    from tasks.train import methods
+    from tasks.train.tokens import load_tokenizer, read_table
 
     cfg = spec.train
     device = resolve_device(cfg)
@@ -252,8 +252,8 @@ def setup(spec: Spec) -> Job:
     ]
     groups = [g for g in groups if g["params"]]  # DeepSpeed drops an empty group
     plan = None
-    if device == "cuda":  # GPU levers (packing rows, fused LoRA and loss, Liger): tasks/fastpath.py
-        from tasks import fastpath
+    if device == "cuda":  # GPU levers (packing rows, fused LoRA and loss, Liger): tasks/train/fastpath.py
+        from tasks.train import fastpath
 
         plan = fastpath.prepare(model, cfg, acc.device, deepspeed)
     # fused: one kernel for all tensors on the GPU; DeepSpeed may step on the CPU instead
@@ -322,7 +322,7 @@ def train_steps(job: Job, log: Log) -> None:
     import torch
     from tqdm import tqdm
 
-    from tasks import checkpoint
+    from tasks.train import checkpoint
 
     acc, cfg, state = job.accelerator, job.cfg, job.state
     rank, world = acc.process_index, acc.num_processes
@@ -405,7 +405,7 @@ def train_steps(job: Job, log: Log) -> None:
 def train_job(spec: Spec) -> dict[str, Any]:
     import torch
 
-    from tasks import checkpoint, methods, report
+    from tasks.train import checkpoint, methods, report
 
     started = time.time()
     job = setup(spec)

@@ -115,7 +115,3 @@ def main() -> None:
     data = data_stage.run(cfg, store, base_stage.model_dir(base))
     ref = run(cfg, store, base, train_stage.run(cfg, store, data, base))
     print(model_dir(ref) if ref else "nothing to merge (ptuning)")
-
-
-if __name__ == "__main__":
-    main()

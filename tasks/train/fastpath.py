@@ -17,7 +17,7 @@ The levers, and the switch behind each (`train.*` in the config):
 | torch.compile of each decoder layer                           | `compile` (off)             |
 | gradient checkpointing                                        | `gradient_checkpointing`, or on by itself when the estimate says the batch won't fit |
 
-The training loop (tasks/loop.py) calls `prepare(model, cfg, device)` once; when the plan
+The training loop (tasks/train/loop.py) calls `prepare(model, cfg, device)` once; when the plan
 says `batches`, it forms each step's micro-batches with `micro_batches` (their number may
 differ from grad_accum: the loop tells accelerate) and takes each micro-batch's summed loss
 from `loss_sum`, which always runs the top-level module's forward (DDP hooks, compile and
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tasks.packing import IGNORE
+from tasks.train.packing import IGNORE
 
 log = logging.getLogger(__name__)
 
@@ -468,7 +468,7 @@ def micro_batches(
     Packed: balanced padding-free rows within the token budget (exactly `plan.rows` rows
     under DeepSpeed). Not packed: the usual rows of batch_size records, right-padded.
     """
-    from tasks import packing
+    from tasks.train import packing
 
     mbs = packing.step_batches(
         records, plan.token_budget, plan.packing, pad_id, batch_size=batch_size, rows=plan.rows

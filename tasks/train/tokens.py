@@ -9,7 +9,7 @@ The key covers the data key, the tokenizer's files (their bytes) and the setting
 change the tokens (template, cutoff_len, train_on_prompt). Packing is not one of them: it
 happens when batches are formed, so packed and padded runs share this artifact.
 
-Run alone: `python -m tasks.tokens [--config FILE] [--set ...]` (runs data and base first).
+Run alone: `python -m tasks.train.tokens [--config FILE] [--set ...]` (runs data and base first).
 """
 
 from __future__ import annotations

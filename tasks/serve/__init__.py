@@ -442,7 +442,3 @@ def main() -> None:
     from flows.cli import main as cli
 
     sys.exit(cli(["serve", *sys.argv[1:]]))
-
-
-if __name__ == "__main__":
-    main()

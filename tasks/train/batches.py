@@ -6,7 +6,7 @@ a resumed job goes straight to it. With group_by_length a step gets records of s
 length, in an order that is still a function of the seed and the epoch.
 
 A step's records become micro-batches: grad_accum of batch_size records each (padded
-rows, or one packed row), or, on a GPU, what the fast path (tasks/fastpath.py) forms
+rows, or one packed row), or, on a GPU, what the fast path (tasks/train/fastpath.py) forms
 within its token budget. The loss of a micro-batch is a sum over its label tokens; the
 loop divides by the label tokens of the whole step.
 """
@@ -69,7 +69,7 @@ def micro_batches(
 ) -> list[tuple[dict[str, Any], int, int]]:
     """One step's records → [(micro-batch on the device, label tokens, input tokens)]."""
     if plan is not None and plan.batches:
-        from tasks import fastpath
+        from tasks.train import fastpath
 
         mbs = fastpath.micro_batches(records, plan, cfg.batch_size, pad_id, device)
         return [(mb, mb["num_targets"], mb["num_tokens"]) for mb in mbs]
@@ -83,7 +83,7 @@ def micro_batches(
 
 def micro_loss(model: Any, batch: dict[str, Any], plan: Any) -> Any:
     if plan is not None and plan.batches:
-        from tasks import fastpath
+        from tasks.train import fastpath
 
         return fastpath.loss_sum(model, batch, plan)
     return loss_sum(model, batch)

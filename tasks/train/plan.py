@@ -4,7 +4,7 @@ The model is built on PyTorch's meta device from its config.json (no weights, no
 so parameter counts are exact for any architecture, and the method's trainable count is
 what peft itself creates. Then, per GPU, in bytes (N parameters, T of them trained, G GPUs):
 
-    no ZeRO (one GPU or DDP), PyTorch autocast, as tasks/loop.py trains:
+    no ZeRO (one GPU or DDP), PyTorch autocast, as tasks/train/loop.py trains:
         weights    frozen part: 2 (bf16) or qlora's ~0.52 (NF4 + double-quant scales);
                    trained part: 4 (fp32 master copy)
         gradients  4·T (fp32)          optimizer  8·T (AdamW m and v, fp32)
@@ -99,7 +99,7 @@ def meta_model(config: Any, cfg: Config, method: str) -> tuple[Shape, int]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks import methods
+    from tasks.train import methods
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

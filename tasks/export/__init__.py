@@ -435,7 +435,3 @@ def main() -> None:
         train = train_stage.run(cfg, store, data, base)
         ref = run(cfg, store, merge.run(cfg, store, base, train), train, data)
         print((ref.dir / "verification.md").read_text() if ref else "nothing exported")
-
-
-if __name__ == "__main__":
-    main()

@@ -5,7 +5,7 @@ first character is `{` is read as JSON Lines too), CSV `.csv` with a header row,
 `.parquet`. Other files in a dataset folder (README.md, hidden files) are ignored.
 
 Each file's record shape (alpaca, columns, messages, sharegpt) is detected by
-tasks/shapes.py, which also turns each record into the canonical fields.
+tasks/data/shapes.py, which also turns each record into the canonical fields.
 
 JSON Lines are parsed line by line with orjson: on this machine it parses a 470-byte
 record in 0.75 µs where pyarrow's JSON reader needs 2.7 µs, and a bad line then costs only
@@ -33,7 +33,7 @@ import pyarrow.csv as pv
 import pyarrow.parquet as pq
 
 from tasks.config import DataConfig
-from tasks.shapes import DataError, Rejected, canonical, detect_shape
+from tasks.data.shapes import DataError, Rejected, canonical, detect_shape
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 BATCH_RECORDS = 32_768  # records held at once: ~15 MB of text for alpaca-sized records

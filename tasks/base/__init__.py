@@ -185,11 +185,3 @@ def main() -> None:
     cfg = load_config(args.config, args.set)
     ref = run(cfg, Store(cfg.pipeline.store))
     print(model_dir(ref))
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import xxhash
 
 from tasks.config import DataConfig
-from tasks.ingest import Batch
+from tasks.data.ingest import Batch
 
 CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\x{200b}\x{feff}]"
 # (pattern, replacement) in order; RE2 syntax, applied only to records that match one.

@@ -244,7 +244,3 @@ def main() -> None:
         max_tokens=cfg["evaluate"]["max_new_tokens"],
     )
     print(json.dumps(decision, indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -14,7 +14,7 @@
 Every process writes into `.tmp-step-N`; after a barrier the main process renames it to
 `step-N`. A folder named `step-N` is therefore complete: a job killed while writing leaves
 only a `.tmp-…` folder, which the next save or resume ignores. The data position needs no
-file of its own: the order is a function of the seed and the step (tasks/loop.py).
+file of its own: the order is a function of the seed and the step (tasks/train/loop.py).
 """
 
 from __future__ import annotations

@@ -6,13 +6,13 @@
                                the tokenizer and its chat template in the same folder
         hyperparameters.yaml   log_history.jsonl   loss.png   metrics.json
 
-`run` validates the config (before any weights load), tokenizes (tasks/tokens.py), writes
+`run` validates the config (before any weights load), tokenizes (tasks/train/tokens.py), writes
 a spec and starts the job in a subprocess: `python -m tasks.train --spec FILE`, or the same
 module under `torchrun` / `accelerate launch --config_file deploy/accelerate/<x>.yaml`.
 A subprocess can be killed when stuck and keeps an out-of-memory to itself; a job out of
 (GPU or CPU) memory exits with status 4 and the parent raises `OutOfMemory`, which the
 pipeline does not retry. The job works in the store's partial folder, so a killed job
-started again resumes from its checkpoints there (tasks/checkpoint.py).
+started again resumes from its checkpoints there (tasks/train/checkpoint.py).
 
 Run alone: `python -m tasks.train --spec spec.json` (one job, no Prefect, no store), or
 `python -m tasks.train [--config FILE] [--set ...]` (data, base, then this stage).
@@ -72,7 +72,7 @@ def validate(cfg: Config, model_dir: Path) -> None:
     headers). Loads no weights.
     """
     from tasks import formatting, methods
-    from tasks.tokens import load_tokenizer
+    from tasks.train.tokens import load_tokenizer
 
     t = cfg.train
     problems = train_problems(t) + machine_problems(t) + methods.check(t, model_dir)
@@ -147,7 +147,7 @@ def _die_with_parent() -> None:
 
 def run(cfg: Config, store: Store, data: Ref, base: Ref) -> Ref:
     from tasks import base as base_stage
-    from tasks import tokens
+    from tasks.train import tokens
 
     model_dir = base_stage.model_dir(base)
     k = key(cfg, data, base)
@@ -158,7 +158,7 @@ def run(cfg: Config, store: Store, data: Ref, base: Ref) -> Ref:
     inputs = {"data": data.key, "base": base.key, "tokens": tokenized.key}
 
     def work(tmp: Path) -> dict[str, Any]:
-        from tasks.loop import Spec
+        from tasks.train.loop import Spec
 
         spec = Spec(cfg.train, model_dir, tokenized.dir, tmp, inputs)
         spec_path = tmp / "checkpoints" / "spec.json"
@@ -217,7 +217,7 @@ def train_job_exit(spec_path: str) -> int:
     """One training job (the child process); its exit status tells the parent what happened."""
     import torch
 
-    from tasks.loop import Spec, train_job
+    from tasks.train.loop import Spec, train_job
 
     try:
         metrics = train_job(Spec.load(spec_path))
@@ -249,11 +249,3 @@ def main() -> None:
     data = data_stage.run(cfg, store, base_stage.model_dir(base))
     ref = run(cfg, store, data, base)
     print(ref.path)
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)

@@ -349,7 +349,3 @@ def main() -> None:
     data = data_stage.run(cfg, store, base_stage.model_dir(base))
     ref = run(cfg, store, data, base, train_stage.run(cfg, store, data, base))
     print((Path(ref.path) / "table.md").read_text())
-
-
-if __name__ == "__main__":
-    main()

@@ -5,7 +5,7 @@ hyperparameters.yaml   the method, every train setting, the inputs' keys, what w
 metrics.json           {method, dev_loss {before, after}, train_loss, steps,
                         trained_tokens, tokens_per_second, seconds, ...}
 loss.png               train loss per logging step and dev loss, against the step
-log_history.jsonl      (written while training, by tasks/loop.py)
+log_history.jsonl      (written while training, by tasks/train/loop.py)
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The data stage: raw dataset → cleaned, deduplicated train/dev/test splits.
 
-    read (tasks/ingest.py) → clean, filter, serialise, split (tasks/clean.py)
+    read (tasks/data/ingest.py) → clean, filter, serialise, split (tasks/data/clean.py)
     → dedupe → write train.json dev.json test.json rejected.jsonl report.json
 
 Big JSON Lines files are cut into 16 MiB chunks that worker processes read and clean in
@@ -32,9 +32,9 @@ from typing import Any
 
 import orjson
 
-from tasks.clean import Prepared, prepare
+from tasks.data.clean import Prepared, prepare
 from tasks.config import Config, DataConfig, UserError, load_config
-from tasks.ingest import (
+from tasks.data.ingest import (
     DataError,
     LineAt,
     dataset_files,
@@ -356,7 +356,3 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-
-
-if __name__ == "__main__":
-    main()

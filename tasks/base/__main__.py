@@ -1,0 +1,12 @@
+"""`python -m tasks.base`: the stage on its own (see tasks/base/__init__.py)."""
+
+import sys
+
+from tasks.config import UserError
+from tasks.base import main
+
+try:
+    main()
+except UserError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(exc.exit_code)
