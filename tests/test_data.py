@@ -13,9 +13,9 @@ import pytest
 
 from flows.cli import build_parser
 from flows.cli import main as cli
-from tasks import clean, data
+from tasks import data
 from tasks.config import UserError, load_config
-from tasks.data import clean_dataset
+from tasks.data import clean, clean_dataset
 from tasks.data.ingest import DataError, is_jsonl
 from tasks.store import Store
 
@@ -173,7 +173,8 @@ def test_max_samples_caps_train_only(tmp_path):
     out = run(tmp_path, source, "data.max_samples=10")
     assert out["report"]["train"] == 10
     assert out["report"]["rejected_by_reason"] == {"over_max_samples": 200 - len(kept(out))}
-    assert out["report"]["dev"] + out["report"]["test"] > 0
+    uncapped = run(tmp_path / "uncapped", source)
+    assert out["dev"] == uncapped["dev"] and out["test"] == uncapped["test"]  # untouched
 
 
 # --- other shapes and formats -----------------------------------------------------------
@@ -203,6 +204,39 @@ def test_sharegpt_conversations_in_a_json_array(tmp_path):
     assert records["你好"]["output"] == "你好！有什么可以帮你？"
     assert records["Grass?"]["history"] == [["Sky colour?", "Blue."]]
     assert records["Grass?"]["system"] == "Answer in one word."
+
+
+def test_a_file_of_two_shapes_reads_each_record_in_its_own(tmp_path):
+    """Two datasets concatenated into one JSON array: messages records, then ShareGPT ones."""
+    messages = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Q{i}?"},
+                {"role": "assistant", "content": f"A{i}."},
+            ]
+        }
+        for i in range(6)
+    ]
+    sharegpt = [
+        {
+            "conversations": [
+                {"from": "human", "value": f"S{i}?"},
+                {"from": "gpt", "value": f"T{i}."},
+            ]
+        }
+        for i in range(4)
+    ]
+    odd = {"title": "neither shape"}
+    source = tmp_path / "mixed.json"
+    source.write_text(json.dumps([*messages, *sharegpt, odd]))
+    out = run(tmp_path, source)
+    answers = {r["instruction"]: r["output"] for r in kept(out)}
+    assert {f"S{i}?" for i in range(4)} <= answers.keys()
+    assert answers["S2?"] == "T2."
+    assert len(answers) == 10
+    (rejected,) = out["rejected"]
+    assert rejected["row"] == 11 and rejected["record"] == odd
+    check_accounting(out)
 
 
 def test_csv_columns_mapped_with_set(tmp_path):
@@ -394,14 +428,14 @@ def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
 @pytest.fixture
 def streamed(monkeypatch):
     """JSON arrays streamed record by record through a 7-byte read window."""
-    from tasks.data import ingest
+    from tasks.data import ingest, json_array
 
     monkeypatch.setattr(ingest, "JSON_WHOLE_BYTES", 0)
-    monkeypatch.setattr(ingest, "READ_BUFFER", 7)
+    monkeypatch.setattr(json_array, "READ_BUFFER", 7)
 
 
 def test_a_streamed_json_array_gives_what_a_whole_one_gives(tmp_path, monkeypatch):
-    from tasks.data import ingest
+    from tasks.data import ingest, json_array
 
     records = [
         {"instruction": f"question {i} ünïcödé 你好", "input": "", "output": f"answer {i}"}
@@ -411,7 +445,7 @@ def test_a_streamed_json_array_gives_what_a_whole_one_gives(tmp_path, monkeypatc
     source.write_bytes(b"\xef\xbb\xbf" + json.dumps(records, ensure_ascii=False, indent=1).encode())
     whole = clean_dataset(source, tmp_path / "whole", cfg())
     monkeypatch.setattr(ingest, "JSON_WHOLE_BYTES", 0)
-    monkeypatch.setattr(ingest, "READ_BUFFER", 7)  # records and characters cut by the window
+    monkeypatch.setattr(json_array, "READ_BUFFER", 7)  # records and characters cut by the window
     streamed = clean_dataset(source, tmp_path / "streamed", cfg())
     assert streamed == whole and whole["kept"] == 40
     for name in ("train.json", "dev.json", "test.json", "rejected.jsonl"):

@@ -32,8 +32,8 @@ from typing import Any
 
 import orjson
 
-from tasks.data.clean import Prepared, prepare
 from tasks.config import Config, DataConfig, UserError, load_config
+from tasks.data.clean import Prepared, prepare
 from tasks.data.ingest import (
     DataError,
     LineAt,
@@ -47,7 +47,8 @@ from tasks.data.ingest import (
 )
 from tasks.store import Ref, Store, hash_file, make_key, write_json_atomic
 
-VERSION = "1"
+# read and write the records (pyarrow, orjson), assign splits by prompt hash (xxhash)
+LIBRARIES = ("pyarrow", "orjson", "xxhash")
 SPLITS = ("train", "dev", "test")
 CHUNK_BYTES = 16 << 20  # one worker task: ~25k records of 650 bytes
 MAX_REJECT_BYTES = 64 << 10  # a bigger rejected record is cut to its head in rejected.jsonl
@@ -319,13 +320,21 @@ def _section(cfg: Config) -> dict[str, Any]:
 
 
 def key(cfg: Config, tokenizer_dir: Path | None = None) -> str:
-    """Hash of the dataset's contents (and the file names within a folder) + data config."""
-    return make_key("data", VERSION, _section(cfg), _inputs(cfg, tokenizer_dir))
+    """Hash of the dataset's contents (and the file names within a folder) + data config.
+
+    No path enters it: a dataset file counts by its bytes and format, a tokenizer by its
+    tokenizer.json, so the same data copied elsewhere is the same artifact.
+    """
+    from tasks.versions import version
+
+    libraries = LIBRARIES + (("tokenizers",) if cfg.data.max_tokens else ())  # counts tokens
+    inputs = _inputs(cfg, tokenizer_dir)
+    return make_key("data", version("tasks.data", libraries), _section(cfg), inputs)
 
 
 def run(cfg: Config, store: Store, tokenizer_dir: Path | None = None) -> Ref:
     inputs = _inputs(cfg, tokenizer_dir)
-    stage_key = make_key("data", VERSION, _section(cfg), inputs)
+    stage_key = key(cfg, tokenizer_dir)
 
     def work(tmp: Path) -> dict[str, Any]:
         return {"report": clean_dataset(Path(cfg.data.input), tmp, cfg.data, tokenizer_dir)}

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import codecs
 import itertools
-import json
-import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,13 +31,13 @@ import pyarrow.csv as pv
 import pyarrow.parquet as pq
 
 from tasks.config import DataConfig
-from tasks.data.shapes import DataError, Rejected, canonical, detect_shape
+from tasks.data.json_array import READ_BUFFER, bad_json, stream_json_array, whole_json_array
+from tasks.data.shapes import DataError, Rejected, canonical, detect_shape, record_shape
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 BATCH_RECORDS = 32_768  # records held at once: ~15 MB of text for alpaca-sized records
 RAW_HEAD = 1000  # characters of an unparsable or oversized record kept in rejected.jsonl
 SHAPE_SAMPLE = 1000  # records looked at to detect a file's shape
-READ_BUFFER = 1 << 20  # not the default 8 KiB: a read costs ~20 µs of system time here
 JSON_WHOLE_BYTES = 64 << 20  # JSON arrays up to this size are parsed in one go
 
 
@@ -247,11 +245,11 @@ def _read_json_array(path: Path, name: str, cfg: DataConfig) -> Iterator[Batch]:
     for one batch, not for the file."""
     if path.stat().st_size <= JSON_WHOLE_BYTES:
         try:
-            records: Iterator[Any] = iter(_whole_json_array(path))
+            records: Iterator[Any] = iter(whole_json_array(path))
         except orjson.JSONDecodeError as exc:
-            raise _bad_json(path, exc.lineno, exc.colno, exc.msg) from None
+            raise bad_json(path, exc.lineno, exc.colno, exc.msg) from None
     else:
-        records = _stream_json_array(path, cfg.max_line_bytes)
+        records = stream_json_array(path, cfg.max_line_bytes)
     head = list(itertools.islice(records, SHAPE_SAMPLE))
     if not head:
         raise DataError(f"{path}: the array holds no records")
@@ -268,96 +266,6 @@ def _read_json_array(path: Path, name: str, cfg: DataConfig) -> Iterator[Batch]:
         yield batch.finish()
 
 
-def _whole_json_array(path: Path) -> list[Any]:
-    records = orjson.loads(path.read_bytes().removeprefix(codecs.BOM_UTF8))
-    if not isinstance(records, list):
-        raise DataError(f"{path}: the top level must be an array of records")
-    return records
-
-
-def _bad_json(path: Path, line: int, column: int, msg: str) -> DataError:
-    return DataError(
-        f"{path}: not valid JSON at line {line} column {column}: {msg} "
-        "(fix the file; or write one record per line as .jsonl, where a bad line "
-        "is rejected and the rest is kept)"
-    )
-
-
-_SPACE = re.compile(r"[ \t\n\r]*")
-
-
-def _stream_json_array(path: Path, max_record_bytes: int) -> Iterator[Any]:
-    """The elements of a top-level JSON array, one at a time: the standard library's
-    `raw_decode` over a window of the text that slides as records are consumed. A record
-    cut by the window's end is decoded again once more text is read; one larger than
-    `max_record_bytes` (data.max_line_bytes) is an error, so memory stays bounded."""
-    decoder = json.JSONDecoder()
-    text = codecs.getincrementaldecoder("utf-8-sig")()  # a BOM is skipped
-    with open(path, "rb") as f:
-        buf, pos, eof = "", 0, False
-        dropped, lines_before, last_newline = 0, 0, -1  # text slid out of the window
-
-        def more() -> None:
-            nonlocal buf, pos, eof, dropped, lines_before, last_newline
-            chunk = f.read(max(READ_BUFFER, len(buf) - pos))  # doubles for a long record
-            eof = not chunk
-            if (k := buf.rfind("\n", 0, pos)) >= 0:
-                last_newline = dropped + k
-            lines_before += buf.count("\n", 0, pos)
-            dropped += pos
-            buf, pos = buf[pos:] + text.decode(chunk, final=eof), 0
-
-        def fail(at: int, msg: str) -> DataError:
-            k = buf.rfind("\n", 0, at)
-            line_start = dropped + k if k >= 0 else last_newline
-            line = lines_before + buf.count("\n", 0, at) + 1
-            return _bad_json(path, line, dropped + at - line_start, msg)
-
-        def skip_space() -> None:
-            nonlocal pos
-            while True:
-                pos = _SPACE.match(buf, pos).end()
-                if pos < len(buf) or eof:
-                    return
-                more()
-
-        skip_space()
-        if buf[pos : pos + 1] != "[":
-            raise DataError(f"{path}: the top level must be an array of records")
-        pos += 1
-        first = True
-        while True:
-            skip_space()
-            if pos >= len(buf):
-                raise fail(pos, "the array ends before its closing ]")
-            if buf[pos] == "]":
-                pos += 1
-                break
-            if not first:
-                if buf[pos] != ",":
-                    raise fail(pos, "Expecting ',' delimiter")
-                pos += 1
-                skip_space()
-            while True:
-                try:
-                    value, end = decoder.raw_decode(buf, pos)
-                    if end < len(buf) or eof:  # a number at the window's end may go on
-                        break
-                except json.JSONDecodeError as exc:
-                    if eof:
-                        raise fail(exc.pos, exc.msg) from None
-                    if len(buf) - pos > max_record_bytes:
-                        raise fail(
-                            pos, f"a record longer than data.max_line_bytes={max_record_bytes}"
-                        ) from None
-                more()
-            pos, first = end, False
-            yield value
-        skip_space()
-        if pos < len(buf):
-            raise fail(pos, "Extra data after the array")
-
-
 class _Collector:
     """Gathers one batch of JSON records as canonical columns."""
 
@@ -371,7 +279,7 @@ class _Collector:
 
     def add(self, pos: int, record: Any, cfg: DataConfig, offset: int = -1) -> None:
         try:
-            values = canonical(record, self.shape, cfg)
+            values = canonical(record, record_shape(record, self.shape, cfg), cfg)
         except Rejected as r:
             self.reject(r.reason, r.detail, pos, record=record)
             return

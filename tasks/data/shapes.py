@@ -55,6 +55,27 @@ def detect_shape(path: Path, keys: list[str], cfg: DataConfig) -> str:
     raise DataError(_columns_hint(path, keys, cfg))
 
 
+def record_shape(record: Any, file_shape: str, cfg: DataConfig) -> str:
+    """A record's own shape where it differs from its file's: a file made by concatenating
+    two datasets (ShareGPT `conversations` records after `messages` ones, say) holds both,
+    and each record is read in its own shape. The file's shape stays the default: a record
+    that fits no shape is then rejected with the fields the file's shape asks for."""
+    if cfg.format != "auto" or not isinstance(record, dict):
+        return file_shape
+    defining = {
+        "messages": "messages",
+        "sharegpt": "conversations",
+        "alpaca": "instruction",
+        "columns": cfg.prompt_column,
+    }
+    if defining[file_shape] in record:  # almost every record: one dict lookup
+        return file_shape
+    try:
+        return detect_shape(Path(), list(record), cfg)
+    except DataError:
+        return file_shape
+
+
 def _columns_hint(path: Path, keys: list[str], cfg: DataConfig) -> str:
     prompt = next((k for k in PROMPT_NAMES if k in keys), keys[0] if keys else "PROMPT")
     rest = [k for k in keys if k != prompt]
