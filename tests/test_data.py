@@ -642,7 +642,8 @@ def test_demo_datasets_through_the_default_config(tmp_path):
     files = {f["file"]: f for f in report["files"]}
     assert files["self_cognition.json"]["records"] >= 80
     assert files["law_qa.jsonl"]["records"] >= 200
-    assert report["rejected"] == 0 and report["ignored_files"] == ["README.md"]
+    assert report["rejected"] == 0
+    assert report["ignored_files"] == ["README.md", "preference/law_pairs.jsonl"]  # data.exclude
     out = outputs(tmp_path)
     texts = [r["output"] for r in kept(out)]
     named = [t for t in texts if "Lexi" in t or "the llmft team" in t]

@@ -243,7 +243,7 @@ def clean_dataset(
     input: Path, output_dir: Path, cfg: DataConfig, tokenizer_dir: Path | None = None
 ) -> dict[str, Any]:
     """Clean and split `input` (file or folder) into `output_dir`; returns the report."""
-    files, ignored = dataset_files(input)
+    files, ignored = dataset_files(input, cfg.exclude)
     tok = tokenizer_dir or (Path(cfg.tokenizer) if cfg.tokenizer else None)
     tokenizer = None
     if cfg.max_tokens:
@@ -297,7 +297,7 @@ def _hash(path: Path) -> str:
 
 def _inputs(cfg: Config, tokenizer_dir: Path | None) -> dict[str, str]:
     root = Path(cfg.data.input)
-    files, _ = dataset_files(root)
+    files, _ = dataset_files(root, cfg.data.exclude)
     if root.is_file():
         # one file: its bytes and its format (the suffix), not its name, so a renamed copy
         # of a dataset version (an upload, a trigger's new path) is the same artifact

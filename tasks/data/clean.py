@@ -83,6 +83,8 @@ def _array(values: pa.Array | list[str | None]) -> pa.Array:
 def _chars(fields: dict[str, pa.Array], history: list[Any] | None) -> pa.Array:
     lengths = [pc.fill_null(pc.utf8_length(v), 0) for v in fields.values()]
     chars = pc.add(pc.add(lengths[0], lengths[1]), pc.add(lengths[2], lengths[3]))
+    if len(lengths) > 4:  # a preference pair's rejected answer
+        chars = pc.add(chars, lengths[4])
     if history:
         turns = [sum(len(a) + len(b) for a, b in h or ()) for h in history]
         chars = pc.add(chars, pa.array(turns, pa.int32()))
@@ -130,6 +132,13 @@ def prepare(batch: Batch, cfg: DataConfig, tokenizer: Any = None) -> Prepared:
         ("empty_response", pc.equal(pc.utf8_length(fields["output"]), 0), "output is empty"),
         ("too_long", pc.greater(chars, cfg.max_chars), f"characters > data.max_chars={cfg.max_chars:,}"),
     ]  # fmt: skip
+    if "rejected" in fields:  # preference pairs; null where a mixed file has SFT records
+        rejected_len = pc.utf8_length(fields["rejected"])
+        same = pc.fill_null(pc.equal(fields["output"], fields["rejected"]), False)
+        checks[2:2] = [
+            ("empty_rejected", pc.fill_null(pc.equal(rejected_len, 0), False), "rejected answer is empty"),
+            ("same_answers", same, "chosen and rejected answers are identical"),
+        ]  # fmt: skip
     counts = {"too_long": chars}  # shown in the detail of a rejection
     if cfg.max_tokens:
         counts["too_many_tokens"] = tokens = _tokens(tokenizer, fields, history)
@@ -149,7 +158,7 @@ def prepare(batch: Batch, cfg: DataConfig, tokenizer: Any = None) -> Prepared:
     keep = pc.indices_nonzero(pc.invert(bad))
     kept = {k: v.take(keep) for k, v in fields.items()}
     turns = [history[i] for i in keep.to_pylist()] if history else None
-    if turns or not cfg.strip_control:  # lists, or control characters only orjson escapes
+    if turns or "rejected" in kept or not cfg.strip_control:  # or what only orjson escapes
         blob, ends = _json_by_record(kept, turns)
     else:
         blob, ends = _buffer_and_ends(_json_by_column(kept))
@@ -191,12 +200,15 @@ def _json_by_record(kept: dict[str, pa.Array], turns: list[Any] | None) -> tuple
     """The canonical JSON of every record, written by orjson (records with history)."""
     blob, ends = bytearray(), array("q")
     columns = [v.to_pylist() for v in kept.values()]
-    for i, (instruction, input_, output, system) in enumerate(zip(*columns, strict=True)):
+    pairs = kept.get("rejected")
+    for i, (instruction, input_, output, system, *rest) in enumerate(zip(*columns, strict=True)):
         record = {"instruction": instruction, "input": input_, "output": output}
         if system:
             record["system"] = system
         if turns and turns[i]:
             record["history"] = turns[i]
+        if pairs is not None and rest[0] is not None:
+            record["rejected"] = rest[0]
         blob += orjson.dumps(record)  # joined at once: holding the results costs 4 KiB each
         ends.append(len(blob))
     return blob, ends

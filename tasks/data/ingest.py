@@ -17,9 +17,10 @@ rejection (reason, file, line or row, raw text); a file that cannot be read at a
 from __future__ import annotations
 
 import codecs
+import fnmatch
 import itertools
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -49,7 +50,7 @@ class Batch:
     shape: str  # alpaca, columns, messages or sharegpt
     unit: str  # "line" for JSON Lines, "row" (1-based record number) otherwise
     positions: list[int]
-    fields: dict[str, pa.Array | list[str]]  # instruction, input, output, system
+    fields: dict[str, pa.Array | list[str]]  # instruction, input, output, system[, rejected]
     history: list[Any] | None  # [[q, a], ...] or None per record; None: no record has any
     original: Callable[[int], Any]  # the record as read, for rejected.jsonl
     rejected: list[dict[str, Any]] = field(default_factory=list)  # rejected while reading
@@ -58,7 +59,7 @@ class Batch:
     lines: int = 0  # JSON Lines: lines read up to the end of this batch
 
 
-def dataset_files(root: Path) -> tuple[list[Path], list[Path]]:
+def dataset_files(root: Path, exclude: Sequence[str] = ()) -> tuple[list[Path], list[Path]]:
     """(dataset files, ignored files) below `root`, sorted so the order is reproducible."""
     if not root.exists():
         raise DataError(f"{root}: no such file or folder (fix: --input PATH or data.input)")
@@ -68,8 +69,10 @@ def dataset_files(root: Path) -> tuple[list[Path], list[Path]]:
         return [root], []
     found, ignored = [], []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
-        is_data = path.suffix.lower() in SUFFIXES and not hidden
+        rel = path.relative_to(root)
+        hidden = any(part.startswith(".") for part in rel.parts)
+        excluded = any(fnmatch.fnmatch(rel.as_posix(), pattern) for pattern in exclude)
+        is_data = path.suffix.lower() in SUFFIXES and not hidden and not excluded
         (found if is_data else ignored).append(path)
     if not found:
         raise DataError(f"{root}: no dataset files ({', '.join(SUFFIXES)}) in this folder")
@@ -286,19 +289,24 @@ class _Collector:
         self.rows.append((pos, offset, record, *values))
 
     def finish(self, lines: int = 0) -> Batch:
-        columns = list(zip(*self.rows, strict=True)) or [()] * 8
-        positions, offsets, records, instruction, input_, output, system, history = columns
+        columns = list(zip(*self.rows, strict=True)) or [()] * 9
+        positions, offsets, records, instruction, input_, output, system, history, rejected = (
+            columns
+        )
+        fields = {
+            "instruction": list(instruction),
+            "input": list(input_),
+            "output": list(output),
+            "system": list(system) if any(system) else pa.nulls(len(system), pa.string()),
+        }
+        if any(r is not None for r in rejected):  # preference pairs
+            fields["rejected"] = list(rejected)
         return Batch(
             file=self.name,
             shape=self.shape,
             unit=self.unit,
             positions=list(positions),
-            fields={
-                "instruction": list(instruction),
-                "input": list(input_),
-                "output": list(output),
-                "system": list(system) if any(system) else pa.nulls(len(system), pa.string()),
-            },
+            fields=fields,
             history=list(history) if any(history) else None,
             original=records.__getitem__,
             rejected=self.rejected,

@@ -44,6 +44,8 @@ def detect_shape(path: Path, keys: list[str], cfg: DataConfig) -> str:
         if cfg.format == "columns" and not columns:
             raise DataError(_columns_hint(path, keys, cfg))
         return cfg.format
+    if "chosen" in keys and "rejected" in keys:
+        return "preference"
     if "messages" in keys:
         return "messages"
     if "conversations" in keys:
@@ -63,6 +65,7 @@ def record_shape(record: Any, file_shape: str, cfg: DataConfig) -> str:
     if cfg.format != "auto" or not isinstance(record, dict):
         return file_shape
     defining = {
+        "preference": "chosen",
         "messages": "messages",
         "sharegpt": "conversations",
         "alpaca": "instruction",
@@ -147,7 +150,16 @@ def _turns(record: dict[str, Any], key: str, role_key: str, text_key: str) -> tu
 
 
 def canonical(record: Any, shape: str, cfg: DataConfig) -> tuple:
-    """(instruction, input, output, system, history) of one JSON record, or `Rejected`."""
+    """(instruction, input, output, system, history, rejected) of one JSON record, or
+    `Rejected`; `rejected` is the rejected answer of a preference pair, None otherwise."""
+    if shape == "preference" and isinstance(record, dict):
+        from tasks.data.preference import canonical_pair  # it imports this module
+
+        return canonical_pair(record)
+    return (*_sft_fields(record, shape, cfg), None)
+
+
+def _sft_fields(record: Any, shape: str, cfg: DataConfig) -> tuple:
     if not isinstance(record, dict):
         raise Rejected("not_object", f"a record must be a JSON object, got {type(record).__name__}")
     if shape == "alpaca":
