@@ -643,7 +643,12 @@ def test_demo_datasets_through_the_default_config(tmp_path):
     assert files["self_cognition.json"]["records"] >= 80
     assert files["law_qa.jsonl"]["records"] >= 200
     assert report["rejected"] == 0
-    assert report["ignored_files"] == ["README.md", "preference/law_pairs.jsonl"]  # data.exclude
+    assert report["ignored_files"] == [  # data.exclude
+        "README.md",
+        "preference/law_pairs.jsonl",
+        "tools/legal_tools_openai.jsonl",
+        "tools/legal_tools_sharegpt.json",
+    ]
     out = outputs(tmp_path)
     texts = [r["output"] for r in kept(out)]
     named = [t for t in texts if "Lexi" in t or "the llmft team" in t]

@@ -76,6 +76,27 @@ def _clean_history(history: list[Any], cfg: DataConfig) -> list[Any]:
     return [[[next(cleaned), next(cleaned)] for _ in turns] if turns else None for turns in history]
 
 
+def _clean_chats(chats: list[Any], cfg: DataConfig) -> list[Any]:
+    """Tool conversations: every turn's text cleaned as the other fields are (placeholders
+    filled, whitespace normalised); calls' arguments and the tools stay as written."""
+    flat = [m["content"] for chat in chats if chat for m in chat["messages"]]
+    if not flat:
+        return chats
+    cleaned = iter(clean_text(_array(flat), cfg).to_pylist())
+    return [
+        {**chat, "messages": [{**m, "content": next(cleaned)} for m in chat["messages"]]}
+        if chat
+        else None
+        for chat in chats
+    ]
+
+
+def _chat_chars(chats: list[Any]) -> pa.Array:
+    return pa.array(
+        [len(orjson.dumps(chat["messages"])) if chat else 0 for chat in chats], pa.int32()
+    )
+
+
 def _array(values: pa.Array | list[str | None]) -> pa.Array:
     return values if isinstance(values, pa.Array) else pa.array(values, pa.string())
 
@@ -126,7 +147,10 @@ def prepare(batch: Batch, cfg: DataConfig, tokenizer: Any = None) -> Prepared:
     """Clean one batch, reject what is empty or too long, assign splits."""
     fields = {k: clean_text(_array(v), cfg) for k, v in batch.fields.items()}
     history = _clean_history(batch.history, cfg) if batch.history else None
+    chats = _clean_chats(batch.chats, cfg) if batch.chats else None
     chars = _chars(fields, history)
+    if chats:  # a tool conversation's length is its turns' (JSON, calls included)
+        chars = pc.max_element_wise(chars, _chat_chars(chats))
     checks = [  # (reason, mask, why); the first that applies is the reason given
         ("empty_prompt", pc.equal(pc.utf8_length(fields["instruction"]), 0), "instruction is empty"),
         ("empty_response", pc.equal(pc.utf8_length(fields["output"]), 0), "output is empty"),
@@ -158,8 +182,9 @@ def prepare(batch: Batch, cfg: DataConfig, tokenizer: Any = None) -> Prepared:
     keep = pc.indices_nonzero(pc.invert(bad))
     kept = {k: v.take(keep) for k, v in fields.items()}
     turns = [history[i] for i in keep.to_pylist()] if history else None
-    if turns or "rejected" in kept or not cfg.strip_control:  # or what only orjson escapes
-        blob, ends = _json_by_record(kept, turns)
+    kept_chats = [chats[i] for i in keep.to_pylist()] if chats else None
+    if turns or kept_chats or "rejected" in kept or not cfg.strip_control:  # orjson's work
+        blob, ends = _json_by_record(kept, turns, kept_chats)
     else:
         blob, ends = _buffer_and_ends(_json_by_column(kept))
     fingerprints, splits = _fingerprints_and_splits(blob, ends, kept, cfg)
@@ -196,8 +221,11 @@ def _json_by_column(kept: dict[str, pa.Array]) -> pa.Array:
     )  # fmt: skip
 
 
-def _json_by_record(kept: dict[str, pa.Array], turns: list[Any] | None) -> tuple[bytearray, array]:
-    """The canonical JSON of every record, written by orjson (records with history)."""
+def _json_by_record(
+    kept: dict[str, pa.Array], turns: list[Any] | None, chats: list[Any] | None = None
+) -> tuple[bytearray, array]:
+    """The canonical JSON of every record, written by orjson (records with history, pairs,
+    tool conversations)."""
     blob, ends = bytearray(), array("q")
     columns = [v.to_pylist() for v in kept.values()]
     pairs = kept.get("rejected")
@@ -209,6 +237,8 @@ def _json_by_record(kept: dict[str, pa.Array], turns: list[Any] | None) -> tuple
             record["history"] = turns[i]
         if pairs is not None and rest[0] is not None:
             record["rejected"] = rest[0]
+        if chats and chats[i]:
+            record["messages"], record["tools"] = chats[i]["messages"], chats[i]["tools"]
         blob += orjson.dumps(record)  # joined at once: holding the results costs 4 KiB each
         ends.append(len(blob))
     return blob, ends

@@ -57,6 +57,7 @@ class Batch:
     blank: int = 0  # blank lines skipped (JSON Lines); they are not records
     offsets: list[int] | None = None  # JSON Lines: byte offset of each record's line
     lines: int = 0  # JSON Lines: lines read up to the end of this batch
+    chats: list[Any] | None = None  # tool conversations: {messages, tools} or None per record
 
 
 def dataset_files(root: Path, exclude: Sequence[str] = ()) -> tuple[list[Path], list[Path]]:
@@ -289,10 +290,9 @@ class _Collector:
         self.rows.append((pos, offset, record, *values))
 
     def finish(self, lines: int = 0) -> Batch:
-        columns = list(zip(*self.rows, strict=True)) or [()] * 9
-        positions, offsets, records, instruction, input_, output, system, history, rejected = (
-            columns
-        )
+        columns = list(zip(*self.rows, strict=True)) or [()] * 10
+        positions, offsets, records, instruction, input_, output, system, history = columns[:8]
+        rejected, chats = columns[8:]
         fields = {
             "instruction": list(instruction),
             "input": list(input_),
@@ -308,6 +308,7 @@ class _Collector:
             positions=list(positions),
             fields=fields,
             history=list(history) if any(history) else None,
+            chats=list(chats) if any(chats) else None,
             original=records.__getitem__,
             rejected=self.rejected,
             blank=self.blank,

@@ -23,6 +23,11 @@ USER_ROLES = {"user", "human"}
 ASSISTANT_ROLES = {"assistant", "gpt", "model", "bot", "chatgpt"}
 PROMPT_NAMES = ("instruction", "prompt", "question", "query", "input", "q")
 RESPONSE_NAMES = ("output", "response", "answer", "completion", "target", "a")
+# a chat shape's list of turns, and the keys of a turn's role and text
+CHAT_KEYS = {
+    "messages": ("messages", "role", "content"),
+    "sharegpt": ("conversations", "from", "value"),
+}
 
 
 class DataError(UserError):
@@ -150,13 +155,19 @@ def _turns(record: dict[str, Any], key: str, role_key: str, text_key: str) -> tu
 
 
 def canonical(record: Any, shape: str, cfg: DataConfig) -> tuple:
-    """(instruction, input, output, system, history, rejected) of one JSON record, or
-    `Rejected`; `rejected` is the rejected answer of a preference pair, None otherwise."""
-    if shape == "preference" and isinstance(record, dict):
-        from tasks.data.preference import canonical_pair  # it imports this module
+    """(instruction, input, output, system, history, rejected, chat) of one JSON record, or
+    `Rejected`. `rejected` is a preference pair's rejected answer (tasks/data/preference.py),
+    `chat` a tool conversation's messages and tools (tasks/data/tools.py); None otherwise."""
+    if isinstance(record, dict):
+        # both modules import this one
+        from tasks.data.preference import canonical_pair
+        from tasks.data.tools import canonical_tools, is_tool_record
 
-        return canonical_pair(record)
-    return (*_sft_fields(record, shape, cfg), None)
+        if shape == "preference":
+            return (*canonical_pair(record), None)
+        if shape in CHAT_KEYS and is_tool_record(record, *CHAT_KEYS[shape][:2]):
+            return canonical_tools(record, *CHAT_KEYS[shape])
+    return (*_sft_fields(record, shape, cfg), None, None)
 
 
 def _sft_fields(record: Any, shape: str, cfg: DataConfig) -> tuple:
@@ -183,6 +194,4 @@ def _sft_fields(record: Any, shape: str, cfg: DataConfig) -> tuple:
             _optional_text(record, cfg.system_column),
             None,
         )
-    if shape == "messages":
-        return _turns(record, "messages", "role", "content")
-    return _turns(record, "conversations", "from", "value")
+    return _turns(record, *CHAT_KEYS[shape])
