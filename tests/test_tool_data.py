@@ -116,7 +116,6 @@ def test_bad_tool_records_are_rejected_with_reasons(tmp_path):
 
 def test_the_demo_tool_set(tmp_path):
     out = run(tmp_path, REPO_ROOT / "datasets_raw" / "tools")
-    assert len(out["kept"]) >= 80
-    assert {r["reason"] for r in out["rejected"]} <= {"duplicate"}
+    assert len(out["kept"]) == 120 and out["rejected"] == []
     calls = [r for r in out["kept"] if any(m.get("tool_calls") for m in r["messages"])]
-    assert len(calls) >= 60 and all(r["tools"] for r in out["kept"])
+    assert len(calls) >= 100 and all(r["tools"] for r in out["kept"])
