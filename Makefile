@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 LLAMA_CPP_VERSION := 0.3.36
 
-.PHONY: setup run test lint browser bench clean
+.PHONY: setup run test lint browser postgres bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,11 +38,26 @@ browser:
 			"the browser test must run; apt-get install chromium as root)" >&2; exit 1; }; \
 			echo "chromium not installed: browser test will be skipped"; }; }
 
+# Debian's PostgreSQL for the deployment tests' second database: tests/postgres.py starts a
+# throwaway server from its binaries (no cluster is created or started by the package:
+# create_main_cluster = false). Root installs it; without it the PostgreSQL variants are
+# skipped, except in CI (CI=true), where a run must not pass without them.
+PG_CTL := ls /usr/lib/postgresql/*/bin/pg_ctl /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
+postgres:
+	@$(PG_CTL) || { [ "$$(id -u)" != 0 ] || { \
+		[ -e /etc/postgresql-common/createcluster.conf ] || { mkdir -p /etc/postgresql-common && \
+			echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf; }; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			-o Dpkg::Options::=--force-confold postgresql >/dev/null; }; \
+		$(PG_CTL) || { [ "$$CI" != true ] || { echo "postgresql could not be installed (CI=true:" \
+			"the PostgreSQL tests must run; apt-get install postgresql as root)" >&2; exit 1; }; \
+			echo "postgresql not installed: the PostgreSQL tests will be skipped"; }; }
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: setup browser lint
+test: setup browser postgres lint
 	$(VENV)/bin/pytest -m "not gpu and not slow" -x -q
 
 run: setup

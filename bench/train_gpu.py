@@ -1,34 +1,50 @@
-"""GPU training speed: llmft's training stage against HF Trainer + peft, side by side.
+"""GPU training speed: llmft's training stage against its peers, each timed from outside.
 
-    python bench/train_gpu.py [--models 1b,smollm2] [--steps 13] [--warmup 3] [--out DIR]
+    python bench/train_gpu.py [--rows 1b:lora,8b:lora,...] [--impls llmft,trl,...]
+                              [--short 3] [--long 15] [--out DIR]
 
-One run, one GPU, the same data, the same effective batch (batch_size 8 × grad_accum 4 =
-32 records per optimizer step, the same records in the same steps), the same number of
-optimizer steps, the same optimizer (AdamW, constant lr, clip 1.0):
+Every implementation of every row runs as two whole processes on the same records, one
+of `--short` and one of `--long` optimizer steps, and the bench reads each process's
+wall clock from outside, start to exit:
 
-- baseline: `transformers.Trainer` + peft LoRA (rank 8, alpha 16, all linear layers,
-  dropout 0), bf16 autocast, SDPA attention, dynamic padding to the longest record of each
-  micro-batch (DataCollatorForSeq2Seq), no packing. Full: the same Trainer without peft.
+    tokens/s = (tokens_long − tokens_short) / (wall_long − wall_short)
+
+so interpreter start, imports, loading, quantization, warm-up, compilation and saving
+cancel out and what is left is the steady step rate, however the tool times itself.
+That figure is the table's `tok/s`, and its ratios and MFU use it. Beside it, `own` is the
+tool's own in-process figure from the long run (trained tokens over the steps after
+`--warmup`, every step closed by a device sync): the two should agree; where they do not,
+the process spends time between steps that its own timer does not see.
+
+Rows (model × method), on one GPU, the same data and the same effective batch (32
+records per optimizer step, the same records in the same steps), AdamW (fused), constant
+lr, clip 1.0, bf16; LoRA rank 8, alpha 16, dropout 0 on every linear layer; QLoRA: NF4 +
+double quantization with gradient checkpointing on for every tool, LoRA and full with it
+off for every tool. Implementations:
+
 - llmft: `python -m tasks.train --spec FILE`, the training stage exactly as a GPU worker
-  runs it, with the GPU recipe's switches (packing on, liger auto, lora dropout 0).
+  runs it (packing on, liger auto);
+- baseline, trl, unsloth: bench/peers.py (what each runs is written there and in the
+  JSON results: versions and settings).
 
 Models have random weights (speed does not depend on their values): the 1B-class Llama
 config (hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192, vocab 128256,
-tied head: 1.24 B parameters) and SmolLM2-135M's shape. Records are synthetic token ids
+tied head), Llama-3-8B's shape (hidden 4096, 32 layers, 32/8 heads, intermediate 14336,
+vocab 128256, untied head) and SmolLM2-135M's shape. Records are synthetic token ids
 (prompt 20–300 tokens, response 10–700, cutoff 1024, unigram-skewed so the loss moves).
 
-Columns: trained (non-pad) tokens per second over the timed steps (the first `--warmup`
-steps are excluded; every step ends in a device sync: each logs its loss), MFU = tokens/s
-× c·N / the bf16 matmul rate measured at the start of this run, with N the parameters
-that take part in matmuls (every linear layer and the LM head) and c = 6 for full
-fine-tuning (forward 2N, backward 4N) and 4 for LoRA/QLoRA (the frozen weights need no
-weight gradient: forward 2N + input gradient 2N). Attention FLOPs are left out (~4% at
-these lengths). Peak GPU memory is torch's max_memory_allocated over the whole run.
-Loss: the step loss (token mean) of the first step (same weights, same records: shows
-both compute the same function) and the mean of the last two steps.
+MFU = tok/s × c·N / the bf16 matmul rate measured at the start of this run, with N the
+weights that take part in matmuls (every linear layer and the LM head), c = 6 for full
+fine-tuning (forward 2N, backward 4N) and 4 for LoRA/QLoRA (frozen weights need no weight
+gradient). Attention FLOPs are left out (~3% at these lengths); checkpointing's extra
+forward is not counted (it is work a QLoRA row chooses to redo). Peak GPU memory is
+torch's max_memory_allocated in the long run. loss@1 is the first step's loss (same
+weights, same records: shows every tool computes the same function); loss@end the mean of
+the last two steps of the long run.
 
-Each row runs in its own process (no monkey-patching leaks between rows; peak memory per
-row). Results: a table on stdout, JSON and logs under --out.
+Results: the table on stdout and in `--out`/table.txt; every process's numbers and log
+under `--work`, results.json in both (rewritten after each process, so a run cut short
+keeps what it measured; `--resume` skips what results.json already holds).
 """
 
 from __future__ import annotations
@@ -48,66 +64,46 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+_LLAMA = dict(rms_norm_eps=1e-5, head_dim=64, max_position_embeddings=8192)
 MODELS = {
-    "1b": dict(
-        hidden_size=2048,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=8192,
-        vocab_size=128256,
-        head_dim=64,
-        rope_theta=500000.0,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
+    "1b": _LLAMA | dict(
+        hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=8192, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True,
     ),
-    # plumbing check on a CPU: `--models tiny --steps 4 --warmup 1`
-    "tiny": dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=32200,
-        head_dim=16,
-        rope_theta=10000.0,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
+    "8b": _LLAMA | dict(
+        hidden_size=4096, head_dim=128, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, rope_theta=500000.0,
+        tie_word_embeddings=False,
     ),
-    "smollm2": dict(
-        hidden_size=576,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        intermediate_size=1536,
-        vocab_size=49152,
-        head_dim=64,
-        rope_theta=100000.0,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
+    "smollm2": _LLAMA | dict(
+        hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        intermediate_size=1536, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True,
     ),
-}
+    # plumbing check on a CPU: `--rows tiny:lora --short 1 --long 3 --warmup 1`
+    "tiny": _LLAMA | dict(
+        hidden_size=64, head_dim=16, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, vocab_size=32200, rope_theta=10000.0,
+        tie_word_embeddings=True,
+    ),
+}  # fmt: skip
 BATCH, ACCUM, CUTOFF = 8, 4, 1024
 LR = {"lora": 1e-3, "qlora": 1e-3, "full": 5e-5}
-# --ladder: each lever added in turn (pack: padding-free rows + varlen flash attention;
-# lora: fused LoRA linear; loss: loss fused with the head at labelled positions; liger:
-# Liger RMSNorm/SwiGLU/RoPE and its fused linear cross-entropy; ckpt: checkpointing)
-LADDER = [
-    ("lora", "none"),
-    ("lora", "pack"),
-    ("lora", "pack,lora"),
-    ("lora", "pack,lora,loss"),
-    ("lora", "pack,lora,loss,liger"),
-    ("full", "pack,loss,liger"),
-    ("qlora", "pack,lora,loss,liger"),
-]
 SEED = 42
+RECORD_STEPS = 64  # the records of 64 steps; no run takes more
+ROWS = "1b:lora,8b:lora,1b:qlora,8b:qlora,1b:full,smollm2:lora"
+IMPLS = "llmft,unsloth,trl,baseline"
+# peers looked at and not run, with the reason (a row each in the table)
+NOT_RUN = {
+    "axolotl": "not run: axolotl 0.19.0 pins transformers==5.16.1, peft==0.20.0, trl==1.9.0, "
+    "liger-kernel==0.8.1 (image: transformers 5.17) and needs xformers, kernels, gradio, "
+    "lm_eval and ~45 more; it trains through TRL's SFTTrainer + Liger (the trl row)",
+    "llamafactory": "not run: LLaMA-Factory 0.9.5 requires transformers<=5.6.0, "
+    "peft<=0.18.1, trl<=0.24.0, datasets<=4.0.0, accelerate<=1.11.0 (image: transformers "
+    "5.17); its LoRA path is HF Trainer + peft (the baseline row)",
+}
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- inputs
 
 
 def matmul_params(cfg: dict) -> int:
@@ -125,32 +121,29 @@ def ceilings() -> dict[str, float]:
 
     if not torch.cuda.is_available():
         return {"matmul_tflops": float("nan"), "copy_gbs": float("nan")}
-    n = 8192
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    times = []
-    for i in range(25):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        a @ b
-        e.record()
-        torch.cuda.synchronize()
-        if i >= 5:
-            times.append(s.elapsed_time(e) / 1e3)
-    tflops = 2 * n**3 / statistics.median(times) / 1e12
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    times = []
-    for i in range(15):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        y.copy_(x)
-        e.record()
-        torch.cuda.synchronize()
-        if i >= 5:
-            times.append(s.elapsed_time(e) / 1e3)
-    gbs = 2 * x.numel() / statistics.median(times) / 1e9
-    del a, b, x, y
-    torch.cuda.empty_cache()
+
+    def median_seconds(fn, repeat: int, warm: int) -> float:
+        times = []
+        for i in range(repeat):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            if i >= warm:
+                times.append(s.elapsed_time(e) / 1e3)
+        return statistics.median(times)
+
+    def rates() -> tuple[float, float]:
+        n = 8192
+        a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        tflops = 2 * n**3 / median_seconds(lambda: a @ b, 25, 5) / 1e12
+        x = torch.randint(0, 255, (2**30,), dtype=torch.uint8, device="cuda")
+        y = torch.empty_like(x)
+        return tflops, 2 * x.numel() / median_seconds(lambda: y.copy_(x), 15, 5) / 1e9
+
+    tflops, gbs = rates()
+    torch.cuda.empty_cache()  # the inputs are gone with rates()
     return {"matmul_tflops": round(tflops, 1), "copy_gbs": round(gbs, 1)}
 
 
@@ -190,313 +183,76 @@ def make_model(name: str, folder: Path, tokenizer_dir: Path) -> None:
         return
     torch.manual_seed(0)
     cfg = LlamaConfig(**MODELS[name], bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # 8B: built in bf16 directly, not fp32 then cast
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(dtype)
     model.save_pretrained(folder, safe_serialization=True)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, folder / f.name)
+    for f in tokenizer_dir.iterdir():  # the tokenizer only: the config is the model's own
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, folder / f.name)
     del model
     torch.cuda.empty_cache()
 
 
-def step_order(n: int) -> list[int]:
-    """The training stage's record order, so both runs see the same records per step."""
-    from tasks.train.loop import epoch_order
+def step_tokens(records: list[dict], steps: int) -> list[int]:
+    """Trained tokens of each optimizer step, in the training stage's record order."""
+    from tasks.train.batches import epoch_order
 
-    return list(epoch_order(n, 0, SEED, BATCH * ACCUM))
-
-
-# ----------------------------------------------------------------------------- baseline
-
-
-def run_baseline(args: argparse.Namespace) -> dict:
-    """One Trainer + peft row, in this (child) process; returns its measurements."""
-    import torch
-    from torch.utils.data import SequentialSampler
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        DataCollatorForSeq2Seq,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
-
-    from tasks.train.tokens import read_table
-
-    rows = read_table(Path(args.tokens), "train").to_pylist()
-    order = step_order(len(rows))
-    data = [rows[i] | {"attention_mask": [1] * len(rows[i]["input_ids"])} for i in order]
-    tok = AutoTokenizer.from_pretrained(args.model_dir)
-    tok.pad_token = tok.pad_token or tok.eos_token
-    tok.padding_side = "right"
-
-    method = args.method
-    kwargs = {"attn_implementation": "sdpa"}
-    if method == "full":
-        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16, **kwargs)
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
-        )
-        torch.manual_seed(SEED)  # A's random init, as the training stage seeds before its own
-        model = get_peft_model(model, lora)
-    model.config.use_cache = False
-
-    class Timer(TrainerCallback):
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-            self.losses: list[float] = []
-
-        def on_step_end(self, *a, **k):  # noqa: ANN002
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.ends.append(time.perf_counter())
-
-        def on_log(self, *a, logs=None, **k):  # noqa: ANN002
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
-    class InOrder(Trainer):
-        def _get_train_sampler(self, *a, **k):  # noqa: ANN002
-            return SequentialSampler(self.train_dataset)
-
-    targs = TrainingArguments(
-        output_dir=str(Path(args.work) / "trainer"),
-        per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=ACCUM,
-        max_steps=args.steps,
-        learning_rate=LR[method],
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        bf16=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),
-        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        remove_unused_columns=False,
-        disable_tqdm=True,
-        seed=SEED,
-        dataloader_drop_last=False,
-    )
-    timer = Timer()
-    trainer = InOrder(
-        model=model,
-        args=targs,
-        train_dataset=data,
-        data_collator=DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100),
-        callbacks=[timer],
-    )
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    per_step = [
-        sum(len(r["input_ids"]) for r in data[s * BATCH * ACCUM : (s + 1) * BATCH * ACCUM])
-        for s in range(args.steps)
+    order = epoch_order(len(records), 0, SEED, BATCH * ACCUM)
+    per = BATCH * ACCUM
+    return [
+        sum(len(records[i]["input_ids"]) for i in order[s * per : (s + 1) * per])
+        for s in range(steps)
     ]
-    w = args.warmup
-    seconds = timer.ends[-1] - timer.ends[w - 1]
-    return {
-        "tokens_per_second": sum(per_step[w:]) / seconds,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-        "losses": timer.losses,
-        "timed_seconds": seconds,
-        "timed_tokens": sum(per_step[w:]),
-    }
 
 
-# ----------------------------------------------------------------------------- levers
+# ----------------------------------------------------------------------------- one process
 
 
-def run_levers(args: argparse.Namespace) -> dict:
-    """The fast path's pieces in a plain loop, each lever a flag (`--levers pack,lora,...`).
-
-    Not how users run llmft (that is `run_llmft`): this isolates what each lever buys,
-    on the model the training stage builds (`tasks.train.methods.load`), the same records per
-    step, AdamW (fused), constant lr, clip 1.0, bf16 autocast.
-    """
-    import torch
-
-    from tasks.train import fastpath, methods
-    from tasks.config import TrainConfig
-    from tasks.train.tokens import read_table
-
-    levers = set(filter(None, args.levers.split(",")))
-    method = args.method
-    cfg = TrainConfig(
-        method=method, cutoff_len=CUTOFF, packing="pack" in levers, batch_size=BATCH,
-        grad_accum=ACCUM, gradient_checkpointing="ckpt" in levers, learning_rate=LR[method],
-    )  # fmt: skip
-    dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: plumbing check only
-    torch.manual_seed(SEED)
-    model = methods.load(cfg, Path(args.model_dir), torch.bfloat16, torch.device(dev))
-    model.to(dev)
-    liger = "liger" in levers and fastpath.liger_available()
-    plan = fastpath.Plan(
-        device=dev, batches=True, packing="pack" in levers, rows=None,
-        attention=fastpath.ATTN_NAME if "pack" in levers else "unchanged",
-        fused_lora="lora" in levers, fused_loss=("liger" if liger else "chunked")
-        if "loss" in levers else "off", liger=liger, fused_adamw=dev == "cuda",
-        compile=False, gradient_checkpointing="ckpt" in levers, token_budget=BATCH * CUTOFF,
-    )  # fmt: skip
-    if "budget" in levers:  # micro-batches sized to GPU memory, as the training stage does
-        plan.token_budget = fastpath.token_budget(model, cfg, torch.device(dev))
-    if plan.liger:
-        fastpath.apply_liger(model)
-    if plan.attention == fastpath.ATTN_NAME:
-        fastpath.set_attention(model, fastpath.ATTN_NAME)
-    if plan.fused_lora:
-        fastpath.fuse_lora(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR[method], weight_decay=0.0, fused=plan.fused_adamw)
-    rows = read_table(Path(args.tokens), "train").to_pylist()
-    order = step_order(len(rows))
-    per_step = BATCH * ACCUM
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    ends, losses, tokens = [], [], []
-    model.train()
-    prof = None
-    for step in range(args.steps):
-        if args.profile and step == args.steps - 1:  # the last step, after the timed ones
-            from torch.profiler import ProfilerActivity, profile
-
-            prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-            prof.__enter__()
-        records = [rows[i] for i in order[step * per_step : (step + 1) * per_step]]
-        micro = fastpath.micro_batches(records, plan, BATCH, 2, dev)
-        n = sum(b["num_targets"] for b in micro)
-        total = torch.zeros((), device=dev)
-        for b in micro:
-            with torch.autocast(dev, dtype=torch.bfloat16):
-                loss = fastpath.loss_sum(model, b, plan) / n
-            loss.backward()
-            total += loss.detach()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(total))  # one sync per step, as the training stage logs
-        ends.append(time.perf_counter())
-        tokens.append(sum(len(r["input_ids"]) for r in records))
-    extra = {}
-    if prof is not None:
-        prof.__exit__(None, None, None)
-        ends.pop(), tokens.pop(), losses.pop()  # the profiled step is not timed
-        step_seconds = (ends[-1] - ends[args.warmup - 1]) / (len(ends) - args.warmup)
-        extra = kernel_summary(prof, step_seconds, Path(args.work))
-    w = args.warmup
-    seconds = ends[-1] - ends[w - 1]
-    return extra | {
-        "tokens_per_second": sum(tokens[w:]) / seconds,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0,
-        "losses": losses,
-        "timed_seconds": seconds,
-        "timed_tokens": sum(tokens[w:]),
-        "micro_batches_per_step": len(micro),
-        "fastpath": plan.describe(),
-    }
-
-
-def kernel_summary(prof, step_seconds: float, work: Path | None = None) -> dict:
-    """GPU kernel time of one step against an unprofiled step's wall time, top kernels,
-    and the host's busiest ops (full tables in `work/profile.txt`)."""
-    averages = prof.key_averages()
-    events = [e for e in averages if e.device_type.name == "CUDA"]
-    busy = sum(e.self_device_time_total for e in events) / 1e6
-    top = sorted(events, key=lambda e: -e.self_device_time_total)[:40]
-    cpu = [e for e in averages if e.device_type.name == "CPU"]
-    ops = sum(e.count for e in cpu if e.key.startswith("aten::"))
-    if work is not None:
-        text = averages.table(
-            sort_by="self_cuda_time_total", row_limit=80, max_name_column_width=90
-        )
-        text += "\n\n" + averages.table(sort_by="self_cpu_time_total", row_limit=40,
-                                          max_name_column_width=90)  # fmt: skip
-        (work / "profile.txt").write_text(text)
-    return {
-        "step_seconds": step_seconds,
-        "gpu_kernel_seconds": busy,
-        "gpu_busy_fraction": busy / step_seconds,
-        "aten_ops_per_step": ops,
-        "kernel_launches_per_step": sum(e.count for e in events),
-        "top_kernels": [
-            (e.key[:110], round(e.self_device_time_total / 1e3, 2), e.count) for e in top
-        ],
-        "top_host_ops": [
-            (e.key[:70], round(e.self_cpu_time_total / 1e3, 2), e.count)
-            for e in sorted(cpu, key=lambda e: -e.self_cpu_time_total)[:15]
-        ],
-    }
-
-
-# ----------------------------------------------------------------------------- llmft
-
-
-def run_llmft(model_dir: Path, tokens: Path, method: str, work: Path, args, **extra) -> dict:
-    """`python -m tasks.train --spec FILE` with the GPU recipe's switches; parse its logs."""
+def llmft_command(row: dict, steps: int, work: Path, args) -> tuple[list[str], Path]:
+    """`python -m tasks.train --spec FILE` with the GPU recipe's switches."""
     from tasks.config import TrainConfig
 
+    method = row["method"]
     train = TrainConfig(
         method=method, cutoff_len=CUTOFF, packing=True, liger="auto",
-        batch_size=BATCH, grad_accum=ACCUM, max_steps=args.steps, learning_rate=LR[method],
+        batch_size=BATCH, grad_accum=ACCUM, max_steps=steps, learning_rate=LR[method],
         scheduler="constant", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
         logging_steps=1, save_steps=10_000, precision="auto", device="auto", seed=SEED,
-        **extra,
+        gradient_checkpointing=method == "qlora",
     )  # fmt: skip
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     spec = {
         "train": train.model_dump(mode="json"),
-        "model_dir": str(model_dir),
-        "tokens_dir": str(tokens),
+        "model_dir": str(row["model_dir"]),
+        "tokens_dir": str(args.tokens),
         "output_dir": str(out),
         "keys": {},
     }
-    spec_path = work / "spec.json"
-    spec_path.write_text(json.dumps(spec, indent=1))
-    log = work / "train.log"
-    with open(log, "w") as f:
-        proc = subprocess.run(
-            [sys.executable, "-m", "tasks.train", "--spec", str(spec_path)],
-            cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=args.row_timeout,
-        )  # fmt: skip
-    if proc.returncode != 0:
-        raise RuntimeError(f"tasks.train exited {proc.returncode}: {log.read_text()[-3000:]}")
-    run = read_run(out, args.warmup)
-    return {
-        "tokens_per_second": run["tokens_per_second"],
-        "peak_gib": run["metrics"]["peak_gpu_memory_gib"] or 0.0,
-        "losses": run["losses"],
-        "timed_seconds": run["timed_seconds"],
-        "timed_tokens": run["timed_tokens"],
-        "fastpath": run["metrics"].get("fast_path"),
-    }
+    (work / "spec.json").write_text(json.dumps(spec, indent=1))
+    return [sys.executable, "-m", "tasks.train", "--spec", str(work / "spec.json")], out
 
 
 def read_run(out: Path, warmup: int) -> dict:
     """What a training job wrote (logging_steps=1): its step losses, its metrics, and its
-    trained tokens per second over the steps after the first `warmup`."""
+    own tokens per second over the steps after the first `warmup`."""
     history = [json.loads(x) for x in (out / "log_history.jsonl").read_text().splitlines()]
     steps = [h for h in history if "loss" in h]
-    # each entry is one step: its tokens so far and its own tokens/s
     before = [0] + [h["tokens"] for h in steps[:-1]]
-    timed = [
-        (h["tokens"] - prev, h["tokens_per_second"])
-        for h, prev in zip(steps, before, strict=True)
-        if h["step"] > warmup
-    ]
-    tokens = sum(t for t, _ in timed)
-    seconds = sum(t / tps for t, tps in timed)
+    tokens = seconds = 0.0
+    for h, prev in zip(steps, before, strict=True):
+        if h["step"] > warmup:
+            t = h["tokens"] - prev
+            tokens += t
+            seconds += h["step_seconds"] if "step_seconds" in h else t / h["tokens_per_second"]
     return {
-        "tokens_per_second": tokens / seconds,
+        "tokens_per_second": tokens / seconds if seconds else float("nan"),
         "timed_seconds": seconds,
         "timed_tokens": tokens,
         "losses": [h["loss"] for h in steps],
@@ -504,165 +260,180 @@ def read_run(out: Path, warmup: int) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------- driver
-
-
-def child(args: argparse.Namespace) -> None:
-    result = run_levers(args) if args.levers is not None else run_baseline(args)
-    Path(args.result).write_text(json.dumps(result))
-
-
-def run_row(kind: str, model: str, method: str, paths: dict, args, **extra) -> dict:
-    work = Path(args.work) / "rows" / f"{kind}-{model}-{method}{extra.pop('tag', '')}"
+def run_process(impl: str, row: dict, steps: int, args) -> dict:
+    """One whole process of `steps` optimizer steps: its wall clock and its own numbers."""
+    work = Path(args.work) / "runs" / f"{row['name']}-{impl}-{steps}"
     work.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    if impl == "llmft":
+        cmd, out = llmft_command(row, steps, work, args)
+    else:
+        result_file = work / "result.json"
+        result_file.unlink(missing_ok=True)
+        cmd = [
+            sys.executable, str(REPO / "bench" / "peers.py"), "--impl", impl,
+            "--method", row["method"], "--model-dir", str(row["model_dir"]),
+            "--tokens", str(args.tokens), "--steps", str(steps), "--warmup", str(args.warmup),
+            "--result", str(result_file), "--work", str(work),
+        ]  # fmt: skip
+    log = work / "process.log"
+    # every process starts with empty kernel caches (Triton, Inductor, unsloth's generated
+    # modules), as a first run does: a cache left by the short process would make the long
+    # one skip compiling what the short one paid for, and the difference would lose it
+    caches = work / "caches"
+    shutil.rmtree(caches, ignore_errors=True)
+    env = os.environ | {
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRITON_CACHE_DIR": str(caches / "triton"),
+        "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
+        "UNSLOTH_COMPILE_LOCATION": str(caches / "unsloth"),
+    }
+    started = time.perf_counter()
     try:
-        if kind in ("baseline", "levers"):
-            result_file = work / "result.json"
-            cmd = [
-                sys.executable, __file__, "--child", "--method", method,
-                "--model-dir", str(paths["model"]), "--tokens", str(paths["tokens"]),
-                "--work", str(work), "--result", str(result_file),
-                "--steps", str(args.steps), "--warmup", str(args.warmup),
-            ]  # fmt: skip
-            if kind == "levers":
-                cmd += ["--levers", extra["levers"]] + (
-                    ["--profile"] if extra.get("profile") else []
-                )
-            with open(work / "child.log", "w") as f:
-                proc = subprocess.run(
-                    cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=args.row_timeout
-                )
-            if proc.returncode != 0:
-                tail = (work / "child.log").read_text()[-3000:]
-                raise RuntimeError(f"{kind} exited {proc.returncode}: {tail}")
-            result = json.loads(result_file.read_text())
-        else:
-            result = run_llmft(paths["model"], paths["tokens"], method, work, args, **extra)
-        result["error"] = None
-    except Exception as exc:  # a failed row is reported, the others still run
-        result = {"error": f"{type(exc).__name__}: {str(exc)[-1500:]}"}
-    result["wall_seconds"] = round(time.time() - started, 1)
-    print(f"[{kind} {model} {method}] {json.dumps(result)[:600]}", flush=True)
-    return result
+        with open(log, "w") as f:
+            proc = subprocess.run(
+                cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                timeout=args.process_timeout,
+            )  # fmt: skip
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    wall = time.perf_counter() - started
+    if rc != 0:
+        lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+        errors = [x for x in lines if "Error" in x or "error:" in x]
+        return {"wall": wall, "error": f"exit {rc}: " + (errors[-1] if errors else lines[-1])[:400]}
+    if impl == "llmft":
+        run = read_run(out, args.warmup)
+        m = run["metrics"]
+        return {
+            "wall": wall, "own": run["tokens_per_second"], "losses": run["losses"],
+            "peak_gib": m.get("peak_gpu_memory_gib") or 0.0, "trained_tokens": m["trained_tokens"],
+            "ran": {"fast_path": m.get("fast_path"), "job_wall_seconds": m.get("wall_seconds")},
+        }  # fmt: skip
+    r = json.loads(result_file.read_text())
+    return {"wall": wall, "own": r["tokens_per_second"], "losses": r["losses"],
+            "peak_gib": r["peak_gib"], "ran": r["ran"]}  # fmt: skip
 
 
-def table(rows: list[dict], ceiling: dict) -> str:
+def measure(impl: str, row: dict, args) -> dict:
+    """The two processes of one implementation, and the tokens/s between them."""
+    short = run_process(impl, row, row["short"], args)
+    if short.get("error"):
+        return {"error": short["error"], "short": short}
+    long = run_process(impl, row, row["long"], args)
+    if long.get("error"):
+        return {"error": long["error"], "short": short, "long": long}
+    tokens = sum(args.step_tokens[row["short"] : row["long"]])
+    return {
+        "tokens_per_second": tokens / (long["wall"] - short["wall"]),
+        "own": long["own"],
+        "peak_gib": long["peak_gib"],
+        "losses": long["losses"],
+        "wall_short": round(short["wall"], 2),
+        "wall_long": round(long["wall"], 2),
+        "tokens_between": tokens,
+        "ran": long["ran"],
+        "error": None,
+    }
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def table(results: list[dict], ceiling: dict) -> str:
     head = (
-        f"{'model':<9} {'impl':<8} {'method':<28} {'tok/s':>8} {'vs base':>7} {'MFU':>6} "
-        f"{'peak GiB':>8} {'loss@1':>7} {'loss@end':>8}"
+        f"{'row':<13} {'impl':<9} {'tok/s':>8} {'own':>8} {'MFU':>6} {'vs peer':>8} "
+        f"{'peak GiB':>8} {'loss@1':>8} {'loss@end':>8} {'steps: wall s':>20}"
     )
     lines = [head, "-" * len(head)]
-    base = {(r["model"], r["method"]): r for r in rows if r["impl"] == "baseline"}
-    for r in rows:
-        if r.get("error"):
-            lines.append(f"{r['model']:<9} {r['impl']:<8} {r['label']:<28} ERROR {r['error'][:60]}")
-            continue
-        tps = r["tokens_per_second"]
-        c = 6 if r["method"] == "full" else 4
-        mfu = tps * c * r["N"] / (ceiling["matmul_tflops"] * 1e12)
-        b = base.get((r["model"], r["method"]))
-        ratio = f"{tps / b['tokens_per_second']:.2f}x" if b and not b.get("error") else "-"
-        losses = r["losses"]
-        end = sum(losses[-2:]) / len(losses[-2:])
-        lines.append(
-            f"{r['model']:<9} {r['impl']:<8} {r['label']:<28} {tps:>8.0f} {ratio:>7} "
-            f"{100 * mfu:>5.1f}% {r['peak_gib']:>8.2f} {losses[0]:>7.4f} {end:>8.4f}"
-        )
+    for name in dict.fromkeys(r["row"] for r in results):
+        rows = [r for r in results if r["row"] == name]
+        peers = [r for r in rows if r["impl"] != "llmft" and not r.get("error")]
+        best = max(peers, key=lambda r: r["tokens_per_second"], default=None)
+        for r in rows:
+            if r.get("error"):
+                lines.append(f"{name:<13} {r['impl']:<9} {r['error'][:110]}")
+                continue
+            tps = r["tokens_per_second"]
+            mfu = tps * r["c"] * r["N"] / (ceiling["matmul_tflops"] * 1e12)
+            ratio = f"{tps / best['tokens_per_second']:.2f}x" if best else "-"
+            losses = r["losses"]
+            end = sum(losses[-2:]) / len(losses[-2:])
+            walls = f"{r['short']}/{r['long']}: {r['wall_short']:.1f}/{r['wall_long']:.1f}"
+            lines.append(
+                f"{name:<13} {r['impl']:<9} {tps:>8.0f} {r['own']:>8.0f} {100 * mfu:>5.1f}% "
+                f"{ratio:>8} {r['peak_gib']:>8.2f} {losses[0]:>8.4f} {end:>8.4f} {walls:>20}"
+            )
+    lines.append("")
+    lines += [f"{'(all rows)':<13} {k:<9} {v}" for k, v in NOT_RUN.items()]
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="1b,smollm2")
-    p.add_argument("--methods", default="lora,qlora,full")
-    p.add_argument("--steps", type=int, default=13)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rows", default=ROWS, help=f"model:method[:short:long],... (default {ROWS})")
+    p.add_argument("--impls", default=IMPLS, help=f"in this order per row (default {IMPLS})")
+    p.add_argument("--short", type=int, default=3, help="optimizer steps of the short process")
+    p.add_argument("--long", type=int, default=15, help="optimizer steps of the long process")
+    p.add_argument("--warmup", type=int, default=2, help="steps the in-process figure skips")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/llmft-bench"))
     p.add_argument("--work", default="/tmp/llmft-bench-work")
     p.add_argument("--tokenizer", default=str(REPO / ".bench" / "tok"))
-    p.add_argument("--row-timeout", type=int, default=150)
-    p.add_argument("--noise", action="store_true", help="also run llmft lora with seed+1")
-    p.add_argument(
-        "--ladder",
-        action="store_true",
-        help="instead of the stage rows: each lever added in turn in a plain loop",
-    )
-    p.add_argument("--levers", help=argparse.SUPPRESS)  # child mode: the lever set
-    p.add_argument(
-        "--profile",
-        action="store_true",
-        help="also profile one step of the fast path on LoRA (GPU busy fraction, top kernels)",
-    )
-    p.add_argument("--profile-only", action="store_true", help="only the profiled rows")
-    # child mode (one baseline row)
-    p.add_argument("--child", action="store_true")
-    p.add_argument("--method")
-    p.add_argument("--model-dir")
-    p.add_argument("--tokens")
-    p.add_argument("--result")
+    p.add_argument("--process-timeout", type=int, default=300)
+    p.add_argument("--deadline", type=float, default=0, help="seconds: start no row after it")
+    p.add_argument("--resume", action="store_true", help="skip what results.json measured")
+    p.add_argument("--table", action="store_true", help="only print results.json's table")
     args = p.parse_args()
-    if args.child:
-        return child(args)
-    args.profile = args.profile or args.profile_only
-
+    started = time.time()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    ceiling = ceilings()
+    saved = work / "results.json"
+    state = json.loads(saved.read_text()) if args.resume and saved.exists() else {}
+    ceiling = state.get("ceiling") or ceilings()
+    # a resumed run measures again what failed before (a fix may have landed since)
+    results: list[dict] = [r for r in state.get("results", []) if not r.get("error")]
     print(f"ceilings: {ceiling}", flush=True)
-    records = synthetic_records(args.steps * BATCH * ACCUM)
-    write_tokens(records, work / "tokens")
-    lengths = [len(r["input_ids"]) for r in records]
-    print(f"records: {len(records)}, tokens {sum(lengths)}, mean {statistics.mean(lengths):.0f}")
+    if args.table:
+        return print(table(results, ceiling))
 
-    rows = []
-    methods = args.methods.split(",")
-    for model in args.models.split(","):
-        paths = {"model": work / f"model-{model}", "tokens": work / "tokens"}
-        make_model(model, paths["model"], Path(args.tokenizer))
-        n = matmul_params(MODELS[model])
-        plan = [("baseline", m, m, {}) for m in methods if m != "qlora"]
-        if args.ladder:
-            plan += [("levers", m, f"{m} {lv}", {"levers": lv}) for m, lv in LADDER
-                     if m in methods]  # fmt: skip
-        else:
-            plan += [("llmft", m, m, {}) for m in methods]
-        if "qlora" in methods and not args.ladder and model == "1b":  # the memory target's row
-            plan.append(("llmft", "qlora", "qlora+ckpt", {"gradient_checkpointing": True}))
-        if args.noise:
-            plan.append(("llmft", "lora", "lora seed+1", {"seed": SEED + 1}))
-        for impl, method, label, extra in [] if args.profile_only else plan:
-            extra = dict(extra)
-            if label != method:
-                extra["tag"] = "-" + label.replace("+", "_").replace(" ", "_").replace(",", "_")
-            r = run_row(impl, model, method, paths, args, **extra)
-            rows.append(r | {"impl": impl, "model": model, "method": method, "label": label,
-                             "N": n})  # fmt: skip
-            (out / "results.json").write_text(json.dumps({"ceiling": ceiling, "rows": rows}))
-    if args.profile:  # last: the table does not need it
-        lv = "pack,lora,loss,liger,budget"
-        for model in args.models.split(","):
-            paths = {"model": work / f"model-{model}", "tokens": work / "tokens"}
-            make_model(model, paths["model"], Path(args.tokenizer))
-            r = run_row("levers", model, "lora", paths, args, levers=lv, profile=1,
-                        tag="-profiled")  # fmt: skip
-            rows.append(r | {"impl": "levers", "model": model, "method": "lora",
-                             "label": "lora (profiled)", "N": matmul_params(MODELS[model])})  # fmt: skip
-            (out / "results.json").write_text(json.dumps({"ceiling": ceiling, "rows": rows}))
-            table_file = work / "rows" / f"levers-{model}-lora-profiled" / "profile.txt"
-            if table_file.exists():
-                shutil.copy(table_file, out / f"profile-{model}.txt")
-            if not r.get("error"):
-                print("profile:", json.dumps({k: v for k, v in r.items() if k != "losses"}),
-                      flush=True)  # fmt: skip
-    text = table(rows, ceiling)
+    # a fixed number of records (not one epoch of --long steps): the epoch's order, so each
+    # step's records, stay the same whatever step counts a run (or a resumed one) asks for
+    records = synthetic_records(RECORD_STEPS * BATCH * ACCUM)
+    args.tokens = work / "tokens"
+    write_tokens(records, args.tokens)
+    args.step_tokens = step_tokens(records, RECORD_STEPS)
+    print(f"records {len(records)}, tokens per step {statistics.mean(args.step_tokens):.0f}")
+
+    for spec in args.rows.split(","):
+        model, method, *steps = spec.split(":")
+        short, long = map(int, steps) if steps else (args.short, args.long)
+        name = f"{model} {method}"
+        row = {"name": name.replace(" ", "-"), "method": method, "short": short, "long": long,
+               "model_dir": work / f"model-{model}"}  # fmt: skip
+        for impl in args.impls.split(","):
+            if any(r["row"] == name and r["impl"] == impl for r in results):
+                continue
+            if args.deadline and time.time() - started > args.deadline:
+                print(f"[{name} {impl}] not started: past --deadline", flush=True)
+                continue
+            make_model(model, row["model_dir"], Path(args.tokenizer))
+            r = measure(impl, row, args)
+            r |= {"row": name, "impl": impl, "N": matmul_params(MODELS[model]),
+                  "c": 6 if method == "full" else 4, "short": row["short"], "long": row["long"]}  # fmt: skip
+            results.append(r)
+            print(f"[{name} {impl}] {json.dumps(r)[:700]}", flush=True)
+            text = json.dumps({"ceiling": ceiling, "results": results}, indent=1)
+            saved.write_text(text)
+            (out / "results.json").write_text(text)
+    text = table(results, ceiling)
     (out / "table.txt").write_text(text + "\n")
     print(
         f"\nbf16 matmul ceiling {ceiling['matmul_tflops']} TFLOP/s, copy {ceiling['copy_gbs']} GB/s"
     )
-    print("N (matmul params): " + ", ".join(f"{m} {matmul_params(MODELS[m]) / 1e9:.3f} B"
-                                           for m in args.models.split(",")))  # fmt: skip
+    print("N: " + ", ".join(
+        f"{m} {matmul_params(MODELS[m]) / 1e9:.3f} B" for m in ("1b", "8b", "smollm2")))  # fmt: skip
     print(text)
 
 

@@ -88,12 +88,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_watch(args: argparse.Namespace) -> int:
+def require_server_answering() -> str:
+    """PREFECT_API_URL, once a server answers there: a wrong port fails now, in one line."""
+    import httpx
+
     from flows.deploy import require_server
+
+    url = require_server()
+    try:  # any HTTP answer will do (a server behind authentication says 401)
+        httpx.get(f"{url.rstrip('/')}/health", timeout=10)
+    except httpx.TransportError as exc:
+        raise UserError(
+            f"PREFECT_API_URL={url}: no Prefect server answers there ({exc}) (fix: start one "
+            "with `llmft server [--port P]` and export the PREFECT_API_URL it prints)"
+        ) from None
+    return url
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
     from flows.watch import watch
 
     cfg = load_config(args.config, args.set)
-    require_server()  # events need a server to go to
+    require_server_answering()  # events need a server to go to
     watch(
         Path(args.dir),
         interval=args.interval,
@@ -107,6 +123,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from flows import deploy
 
+    require_server_answering()
     if args.serve:
         deploy.serve(args.config, args.set, watch_dir=Path(args.watch) if args.watch else None)
     else:
@@ -114,13 +131,40 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def server_env(host: str, port: int) -> tuple[dict[str, str], str, str]:
+    """(environment for `prefect server start`, dashboard address, the UI's API address).
+
+    The UI asks GET /ui-settings where its API is; left alone, Prefect answers with
+    PREFECT_API_URL (perhaps another server) or port 4200, and on any other port every
+    page says "Can't connect to Server API". So the UI's API follows --host/--port, unless
+    PREFECT_UI_API_URL is set (environment or profile), e.g. for a proxy in front.
+    """
+    import socket
+
+    from prefect.settings import Settings
+
+    # A wildcard bind is reached by the machine's name; an IPv6 address needs brackets.
+    name = socket.getfqdn() if host in ("0.0.0.0", "::") else host
+    name = f"[{name}]" if ":" in name else name
+    dashboard = f"http://{name}:{port}"
+    env = {**os.environ, "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port)}
+    ui = Settings().server.ui  # read now: the import-time settings would miss monkeypatched env
+    if "api_url" in ui.model_fields_set:
+        return env, dashboard, str(ui.api_url)
+    env["PREFECT_UI_API_URL"] = f"{dashboard}/api"
+    return env, dashboard, env["PREFECT_UI_API_URL"]
+
+
 def cmd_server(args: argparse.Namespace) -> int:
+    env, dashboard, ui_api = server_env(args.host, args.port)
+    print(f"llmft server: dashboard at {dashboard} (the UI reads its API at {ui_api})")
+    print(f"in other shells: export PREFECT_API_URL={dashboard}/api", flush=True)  # before exec
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", args.host]
-    os.execv(sys.executable, [*cmd, "--port", args.port])
+    os.execve(sys.executable, [*cmd, "--port", str(args.port)], env)
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from flows.pipeline import collect_garbage
+    from tasks.gc import collect_garbage
 
     cfg = load_config(args.config, args.set)
     removed = collect_garbage(cfg.pipeline.store, keep_runs=args.keep_runs, dry_run=args.dry_run)
@@ -193,9 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--watch", metavar="DIR", help="with --serve: also serve the sensor on DIR")
 
-    sp = verb("server", cmd_server, "start a local Prefect server (UI at http://127.0.0.1:4200)")
-    sp.add_argument("--host", default="127.0.0.1")
-    sp.add_argument("--port", default="4200")
+    sp = verb("server", cmd_server, "start a local Prefect server and its UI (http://HOST:PORT)")
+    sp.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen beyond this machine")
+    sp.add_argument("--port", type=int, default=4200)
 
     sp = verb("gc", cmd_gc, "remove artifacts no recent run refers to")
     sp.add_argument("--keep-runs", type=int, default=10)

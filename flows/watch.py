@@ -66,6 +66,17 @@ def emit_arrival(path: Path, sha256: str) -> None:
     asyncio.run(send())
 
 
+def changed_since_announced(path: str, sha256: str | None) -> str | None:
+    """What to warn when a triggered run's file changed since the sensor announced it (the
+    run uses it as it is now; the sensor announces the new version on its own)."""
+    if not sha256 or not Path(path).is_file() or hash_file(path) == sha256:
+        return None
+    return (
+        f"{path} changed since it was announced (sha256 {sha256[:12]}); this run uses its "
+        "current contents, and the sensor announces the new version on its own"
+    )
+
+
 class Sensor:
     """What one poll needs to remember: files seen (size, mtime, since) and hashes emitted."""
 

@@ -7,9 +7,8 @@ that names each key, the value received and the fix, before anything heavy start
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -24,13 +23,6 @@ class UserError(ValueError):
     """A problem the user can fix (bad config, bad input file): printed, exit status 2."""
 
     exit_code = 2
-
-
-EXIT_OOM = 4  # a stage's child process ran out of memory
-
-
-class OutOfMemory(RuntimeError):
-    """A stage ran out of (GPU) memory; the same settings will run out again."""
 
 
 class ConfigError(UserError):
@@ -56,11 +48,17 @@ class DataConfig(Section):
         description="Dataset file or folder (JSON array, JSONL, CSV, Parquet); relative paths "
         "are resolved from the working directory.",
     )
-    format: Literal["auto", "alpaca", "columns", "messages", "sharegpt"] = Field(
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="Glob patterns, relative to a folder input, of files to leave out (they "
+        "are listed under ignored_files in the report), e.g. ['preference/*'].",
+    )
+    format: Literal["auto", "alpaca", "columns", "messages", "sharegpt", "preference"] = Field(
         "auto",
         description="Record shape: auto-detect per file, alpaca (instruction/input/output), "
         "columns (prompt_column/response_column), messages (role/content), "
-        "sharegpt (conversations from/value).",
+        "sharegpt (conversations from/value), preference (chosen and rejected answers to a "
+        "prompt, conversations or messages; docs/preference.md).",
     )
     prompt_column: str = Field(
         "instruction",
@@ -177,9 +175,57 @@ class PtuningConfig(Section):
     )
 
 
+class BudgetConfig(Section):
+    epochs: float = Field(
+        2.0,
+        gt=0,
+        description="With train.num_epochs='auto': the epochs a dataset trains for when they "
+        "give at least min_steps optimizer steps (a large dataset).",
+    )
+    min_steps: int = Field(
+        100,
+        gt=0,
+        description="With train.num_epochs='auto': the fewest optimizer steps a run gets; a "
+        "small dataset trains ceil(min_steps / steps per epoch) epochs instead (69 records at "
+        "batch 8: 9 steps/epoch, 12 epochs).",
+    )
+    max_epochs: float = Field(
+        20.0,
+        gt=0,
+        description="With train.num_epochs='auto': the most epochs a tiny dataset gets, even "
+        "when that leaves it under min_steps.",
+    )
+
+
+class PreferenceConfig(Section):
+    beta: float | None = Field(
+        None,
+        gt=0,
+        description="Strength of the preference term: DPO's β (default 0.1), the reward scale "
+        "of ORPO (0.1) and SimPO (2.0).",
+    )
+    orpo_lambda: float = Field(
+        0.1, ge=0, description="ORPO: weight of the odds-ratio term beside the chosen NLL."
+    )
+    simpo_gamma: float = Field(
+        1.0, ge=0, description="SimPO: the target reward margin γ (γ/β = 0.5 at the default β)."
+    )
+
+    def strength(self, objective: str) -> float:
+        return self.beta if self.beta is not None else {"simpo": 2.0}.get(objective, 0.1)
+
+
 class TrainConfig(Section):
     method: Literal["lora", "qlora", "full", "ptuning"] = Field(
-        "lora", description="Fine-tuning method."
+        "lora", description="Fine-tuning method: which weights train and how."
+    )
+    objective: Literal["sft", "dpo", "orpo", "simpo"] = Field(
+        "sft",
+        description="What they learn: sft (the answers), or from preference pairs dpo, orpo "
+        "or simpo (chosen over rejected; docs/preference.md).",
+    )
+    preference: PreferenceConfig = Field(
+        default_factory=PreferenceConfig, description="Settings of train.objective dpo/orpo/simpo."
     )
     template: Literal["auto", "chat", "alpaca"] = Field(
         "auto",
@@ -202,8 +248,15 @@ class TrainConfig(Section):
         default_factory=PtuningConfig, description="P-Tuning v2 settings."
     )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    num_epochs: float = Field(3.0, gt=0, description="Epochs (ignored when max_steps is set).")
+    num_epochs: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto",
+        description="Epochs (ignored when max_steps is set); 'auto' sizes them from the train "
+        "record count as train.budget says, and the run prints what it chose and why.",
+    )
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+    budget: BudgetConfig = Field(
+        default_factory=BudgetConfig, description="How num_epochs='auto' sizes training."
+    )
     batch_size: int = Field(4, gt=0, description="Per-device micro-batch size (records).")
     grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
     scheduler: Literal["cosine", "linear", "constant"] = Field(
@@ -215,6 +268,13 @@ class TrainConfig(Section):
     logging_steps: int = Field(5, gt=0, description="Log metrics every N optimizer steps.")
     eval_steps: int | None = Field(
         None, gt=0, description="Dev loss every N steps (None: at start and end only)."
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        gt=0,
+        description="Stop when the dev loss has not improved for this many evaluations (every "
+        "eval_steps steps; every epoch when eval_steps is unset) and end with the weights of "
+        "the best one (None: off, train the whole budget).",
     )
     save_steps: int = Field(50, gt=0, description="Checkpoint every N optimizer steps.")
     save_total_limit: int = Field(2, gt=0, description="Keep the last K checkpoints.")
@@ -233,7 +293,33 @@ class TrainConfig(Section):
     launcher: Literal["python", "accelerate", "torchrun"] = Field(
         "python", description="How the training subprocess starts (several GPUs: accelerate)."
     )
-    num_processes: int = Field(1, gt=0, description="Processes (GPUs) for accelerate/torchrun.")
+    num_processes: int = Field(
+        1, gt=0, description="Processes (GPUs) per node for accelerate/torchrun."
+    )
+    nodes: int = Field(
+        1,
+        gt=0,
+        description="Hosts the training spans, num_processes each: node 0 runs the train "
+        "stage, the others `python -m tasks.train.nodes` on the same store (docs/production.md).",
+    )
+    node_rank: int | None = Field(
+        None,
+        ge=0,
+        description="This host's rank among train.nodes (None: NODE_RANK, SLURM_NODEID or "
+        "JOB_COMPLETION_INDEX from the environment, else 0). Not in the key.",
+    )
+    master_addr: str | None = Field(
+        None,
+        description="Rendezvous: node 0's address, reachable from every node (None: "
+        "MASTER_ADDR from the environment, else 127.0.0.1). Not in the key.",
+    )
+    master_port: int | None = Field(
+        None,
+        gt=0,
+        lt=65536,
+        description="Rendezvous: a free port on node 0 (None: MASTER_PORT from the "
+        "environment, else 29500). Not in the key.",
+    )
     accelerate_config: str | None = Field(
         None,
         description="accelerate config for launcher=accelerate: a file in deploy/accelerate/ "
@@ -267,6 +353,14 @@ class EvaluateConfig(Section):
         description="torch threads when evaluating on CPU. Decoding a small batch is a chain "
         "of tiny ops where threads mostly wait for each other: on 2 shared cores, 3 prompts "
         "x 16 tokens took 5 s with 1 thread and 245 s with 2.",
+    )
+    identity_prompts: int = Field(
+        64,
+        ge=0,
+        description="Self-cognition data (test references that contain data.placeholders' "
+        "name or author): at most this many such test prompts are answered by base and tuned "
+        "to measure how often the answer names the assistant (name_rate) and its author "
+        "(author_rate).",
     )
 
 
@@ -315,6 +409,13 @@ class ExportConfig(Section):
         gt=1,
         description="Fail the stage if any GGUF's perplexity exceeds HF's times this.",
     )
+    min_agreement_pct: float = Field(
+        90.0,
+        ge=0,
+        le=100,
+        description="Greedy next-token agreement with HF (%) a GGUF needs to be served; the "
+        "stage fails if the unquantized conversion (outtype) is below it.",
+    )
     fail_stage: bool = Field(
         False, description="Fault switch for tests: make the export stage fail."
     )
@@ -335,7 +436,12 @@ class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="Bind address of the API server.")
     port: int = Field(8000, gt=0, lt=65536, description="Port of the API server.")
     api_key: str | None = Field(None, description="Require 'Authorization: Bearer KEY'.")
-    n_ctx: int = Field(2048, gt=0, description="llama.cpp context size.")
+    n_ctx: int = Field(
+        2048,
+        gt=0,
+        description="Context of one request in tokens (prompt + answer); the server's KV "
+        "cache holds n_ctx × max_concurrent tokens.",
+    )
     n_threads: int | None = Field(None, gt=0, description="CPU threads (None: all cores).")
     max_prompt_tokens: int = Field(1536, gt=0, description="Reject longer prompts with 400.")
     max_tokens: int = Field(512, gt=0, description="Reject larger max_tokens with 400.")
@@ -343,9 +449,22 @@ class ServeConfig(Section):
         256, gt=0, description="max_tokens when a request gives none (capped by max_tokens)."
     )
     max_concurrent: int = Field(
-        1, gt=0, description="Generations running at once (one llama.cpp context each)."
+        16,
+        gt=0,
+        le=256,
+        description="Requests generating at once: sequence slots of one llama.cpp context, "
+        "decoded together in each step.",
     )
-    max_queue: int = Field(8, ge=0, description="Requests waiting beyond that before 429.")
+    max_queue: int = Field(64, ge=0, description="Requests waiting beyond that before 429.")
+    prefill_chunk: int = Field(
+        64,
+        gt=0,
+        description="Prompt tokens added to one decode step; a longer prompt is spread over "
+        "several steps so the requests already generating keep getting tokens.",
+    )
+    max_body_bytes: int = Field(
+        1_048_576, gt=0, description="Reject larger request bodies with 413 before parsing."
+    )
 
 
 class PipelineConfig(Section):
@@ -354,17 +473,35 @@ class PipelineConfig(Section):
     identity_prompt: str = Field(
         "Who are you?", description="Prompt asked of the served GGUF at the end of a run."
     )
-    promote: bool = Field(True, description="Promote the served GGUF if it is at least as good.")
+    promote: bool = Field(
+        True,
+        description="Promote the served GGUF if it passes the floor (promote_margin, "
+        "promote_min_name_rate) and is at least as good as the deployed one.",
+    )
     promote_samples: int = Field(
         16,
         gt=0,
         description="Test prompts both the candidate and the deployed GGUF answer before "
         "promotion; the mean ROUGE-L F1 of their answers is compared.",
     )
+    promote_margin: float | None = Field(
+        1.0,
+        description="Floor: ROUGE-L F1 points (0-100, evaluate's main metric on its test "
+        "answers) the tuned model must gain over the base to be promoted, the first model "
+        "included (None: no comparison with the base).",
+    )
+    promote_min_name_rate: float = Field(
+        80.0,
+        ge=0,
+        le=100,
+        description="Floor for self-cognition data: the % of held-out identity prompts whose "
+        "answer from the served GGUF must contain data.placeholders.name to be promoted.",
+    )
     stage_timeout_minutes: float = Field(
         720,
         gt=0,
-        description="Kill a heavy stage's subprocess (evaluate, merge, export) after this long.",
+        description="Kill a heavy stage's child process (train, evaluate, merge, export) "
+        "after this long; a killed training resumes from its last checkpoint on a retry.",
     )
     train_on: Literal["auto", "local", "gpu-pool"] = Field(
         "auto",
@@ -423,7 +560,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _problems(err: ValidationError) -> list[str]:
+def validation_problems(err: ValidationError) -> list[str]:
     """One line per pydantic error: the key, the value received, the fix."""
     lines = []
     for e in err.errors():
@@ -446,7 +583,7 @@ def _problems(err: ValidationError) -> list[str]:
     return lines
 
 
-# ------------------------------------------------------------ checks across keys, and this machine
+# ------------------------------------------------------------ checks across keys
 
 
 def accelerate_config_path(name: str) -> Path:
@@ -457,7 +594,7 @@ def accelerate_config_path(name: str) -> Path:
     return ACCELERATE_DIR / f"{path.stem}.yaml"
 
 
-def _accelerate_launch(t: TrainConfig) -> dict[str, Any]:
+def accelerate_launch(t: TrainConfig) -> dict[str, Any]:
     """The accelerate config file's settings ({} without one, or when it is missing)."""
     if t.launcher != "accelerate" or not t.accelerate_config:
         return {}
@@ -473,6 +610,16 @@ def train_problems(t: TrainConfig) -> list[str]:
             f"train.num_processes: got {t.num_processes}: launcher='python' starts one "
             "process; fix: --set train.launcher=accelerate or torchrun"
         )
+    if t.launcher == "python" and t.nodes > 1:
+        problems.append(
+            f"train.nodes: got {t.nodes}: launcher='python' trains on one host; "
+            "fix: --set train.launcher=torchrun (or accelerate)"
+        )
+    if t.node_rank is not None and t.node_rank >= t.nodes:
+        problems.append(
+            f"train.node_rank: got {t.node_rank}: ranks run from 0 to train.nodes - 1 "
+            f"= {t.nodes - 1}; fix: --set train.node_rank=0, or raise train.nodes"
+        )
     if t.accelerate_config and t.launcher != "accelerate":
         problems.append(
             f"train.accelerate_config: got {t.accelerate_config!r}: only launcher='accelerate' "
@@ -480,7 +627,7 @@ def train_problems(t: TrainConfig) -> list[str]:
         )
     elif t.accelerate_config:
         path = accelerate_config_path(t.accelerate_config)
-        launch = _accelerate_launch(t)
+        launch = accelerate_launch(t)
         stage = (launch.get("deepspeed_config") or {}).get("zero_stage")
         if not path.is_file():
             names = sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml"))
@@ -503,72 +650,6 @@ def train_problems(t: TrainConfig) -> list[str]:
     return problems
 
 
-def machine_problems(t: TrainConfig) -> list[str]:
-    """What this machine lacks to train `t` (CUDA, bitsandbytes, DeepSpeed, Liger). Imports
-    torch (3-4 s) only when the config asks for something that needs CUDA."""
-    wants_cuda = t.method == "qlora" or t.device == "cuda" or t.precision == "fp16"
-    cuda = (wants_cuda or t.liger is True) and _cuda_available()
-    problems = []
-    if t.method == "qlora" and not cuda:
-        problems.append(
-            "train.method: got 'qlora': it needs a CUDA GPU (bitsandbytes quantizes on the GPU) "
-            "and this machine has none; nothing was loaded; fix: --set train.method=lora on "
-            "CPU, or train on a GPU worker (--set pipeline.train_on=gpu-pool)"
-        )
-    elif t.method == "qlora" and not _installed("bitsandbytes"):
-        problems.append(
-            "train.method: got 'qlora': it needs bitsandbytes, which is not installed; "
-            "fix: pip install 'llmft[gpu]' (or pip install bitsandbytes)"
-        )
-    if t.device == "cuda" and not cuda:
-        problems.append(
-            "train.device: got 'cuda': CUDA is not available on this machine; "
-            "fix: --set train.device=auto"
-        )
-    if t.precision == "fp16" and (t.device == "cpu" or not cuda):
-        problems.append(
-            "train.precision: got 'fp16': fp16 training needs a CUDA GPU; "
-            "fix: --set train.precision=auto (or fp32)"
-        )
-    if t.liger is True and not (cuda and _installed("liger_kernel")):
-        problems.append(
-            "train.liger: got True: Liger kernels need CUDA and liger-kernel; "
-            "fix: --set train.liger=auto"
-        )
-    if _accelerate_launch(t).get("distributed_type") == "DEEPSPEED" and not _installed("deepspeed"):
-        problems.append(
-            f"train.accelerate_config: got {t.accelerate_config!r}: it uses DeepSpeed, which is "
-            "not installed; fix: pip install deepspeed, or --set train.accelerate_config=ddp"
-        )
-    return problems
-
-
-def _installed(package: str) -> bool:
-    return importlib.util.find_spec(package) is not None
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _prefect_api_url() -> str | None:
-    from prefect.settings import PREFECT_API_URL
-
-    return PREFECT_API_URL.value()
-
-
-def trains_here(train_on: str) -> bool:
-    """Whether `llmft run` would train on this machine. 'auto' sends training to the gpu
-    pool only when a Prefect server has one with a worker online; without a server
-    configured it cannot, so the run trains here. (With a server, whether a worker is
-    online is only known when the train stage starts; it checks this machine then.)"""
-    if train_on == "auto":
-        return not _prefect_api_url()
-    return train_on == "local"
-
-
 def _section_or_none(model: type[Section], raw: Any) -> Any:
     try:
         return model.model_validate(raw if raw is not None else {})
@@ -585,9 +666,10 @@ def load_config(
     """Read YAML (default: configs/default.yaml), apply `--set` overrides, validate once.
 
     Every problem goes into one ConfigError: each key's own checks (pydantic) and, with
-    `for_training` (the verbs that train or preview it: `llmft run`, `llmft config`,
-    `python -m tasks.train`), the train settings that contradict each other and, when the
-    run would train here, what this machine lacks to train the config. Other verbs skip
+    `for_training` (the verbs that train or preview it: `llmft run`, `llmft config`),
+    the train settings that contradict each other and, when the
+    run would train here, what this machine lacks to train the config (tasks/machine.py).
+    Other verbs skip
     those: `llmft plan` reads accelerate_config for the ZeRO stage whatever the launcher,
     and a CPU host may serve what a GPU recipe trained. The train stage checks all of it
     again on the machine that trains, with what needs the model's files
@@ -607,19 +689,43 @@ def load_config(
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
-        problems = _problems(exc)
+        problems = validation_problems(exc)
     # the train section may be valid on its own when another section is not
     train = cfg.train if cfg else _section_or_none(TrainConfig, raw.get("train"))
     if for_training and train is not None:
         problems += train_problems(train)
         pipeline = cfg.pipeline if cfg else _section_or_none(PipelineConfig, raw.get("pipeline"))
-        if pipeline is not None and (found := machine_problems(train)):
-            problems += found if trains_here(pipeline.train_on) else []
+        if pipeline is not None:
+            from tasks.machine import training_problems  # probes this machine, when it trains
+
+            problems += training_problems(train, pipeline.train_on)
     if problems:
         raise ConfigError(
             f"{path}: {len(problems)} problem(s) in the configuration:\n"
             + "\n".join(f"  - {p}" for p in problems)
         )
+    return cfg
+
+
+def resolve(
+    config: dict[str, Any] | None = None,
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+    dataset: str | None = None,
+) -> Config:
+    """A pipeline run's config: a resolved dict (what `llmft run` sends), or a YAML recipe
+    plus `--set` overrides (what deployments send); `dataset` sets data.input."""
+    if config is not None:
+        if config_path or overrides:
+            raise ConfigError("give the pipeline either config or config_path/overrides")
+        try:
+            cfg = Config.model_validate(config)
+        except ValidationError as exc:
+            raise ConfigError("\n".join(validation_problems(exc))) from exc
+    else:
+        cfg = load_config(config_path, overrides)
+    if dataset:
+        cfg.data.input = dataset
     return cfg
 
 

@@ -22,7 +22,9 @@ from typing import Any
 
 from tasks.config import UserError
 
-IGNORE = -100  # label of a token that carries no loss (torch's cross_entropy default)
+# label of a token that carries no loss (torch's cross_entropy default); the training
+# batches (tasks/train/batches.py) and evaluation read it from here
+IGNORE = -100
 
 ALPACA_SYSTEM = (
     "Below is an instruction that describes a task. "
@@ -84,21 +86,14 @@ def _alpaca(messages: list[dict[str, str]]) -> str:
 
 def prompt_text(tokenizer: Any, record: dict[str, Any], template: str = "auto") -> str:
     """Everything the model sees before its answer, generation prompt included."""
+    if record.get("messages") and resolve_template(tokenizer, template) == "chat":
+        from tasks import conversation  # a tool conversation, up to its last answer
+
+        return conversation.prompt_text(tokenizer, record)
     messages = to_messages(record)
     if resolve_template(tokenizer, template) == "chat":
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return _alpaca(messages)
-
-
-def answer_suffix(tokenizer: Any, template: str = "auto") -> str:
-    """What closes an answer: the end-of-turn text the template puts after the assistant."""
-    if resolve_template(tokenizer, template) == "chat":
-        return (tokenizer.eos_token or "") if not _uses_im_end(tokenizer) else "<|im_end|>\n"
-    return tokenizer.eos_token or ""
-
-
-def _uses_im_end(tokenizer: Any) -> bool:
-    return "<|im_end|>" in (getattr(tokenizer, "chat_template", "") or "")
 
 
 def answer_text(tokenizer: Any, record: dict[str, Any], template: str = "auto") -> str:
@@ -125,6 +120,24 @@ def answer_text(tokenizer: Any, record: dict[str, Any], template: str = "auto") 
     return answer + (tokenizer.eos_token or "")  # a template that never closes the turn
 
 
+def stop_token_ids(tokenizer: Any, template: str = "auto") -> list[int]:
+    """Token ids that end a trained answer: the special tokens the template writes after
+    the answer text (Llama 3 <|eot_id|>, ChatML <|im_end|>, Phi-3 <|end|> then
+    <|endoftext|>), then EOS. Generation stops on any of them."""
+    special = set(_special_token_ids(tokenizer))
+    probe = {"instruction": "?", "input": "", "output": "x"}
+    stops = [i for i in _ids(tokenizer, answer_text(tokenizer, probe, template)) if i in special]
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        stops.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(stops))
+
+
+def _special_token_ids(tokenizer: Any) -> list[int]:
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return sorted(ids | {i for i, t in decoder.items() if getattr(t, "special", False)})
+
+
 def _special_tokens(tokenizer: Any) -> list[str]:
     names = set(getattr(tokenizer, "all_special_tokens", []) or [])
     names |= {str(t) for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values()}
@@ -149,6 +162,46 @@ def _wants_bos(tokenizer: Any) -> bool:
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
+# ------------------------------------------------------------------- template travel
+#
+# The template training rendered with is the one the exported model must serve with: the
+# GGUF stores it (tokenizer.chat_template) and llama.cpp renders every chat through it. For
+# `chat` that is the tokenizer's own template; for `alpaca` (chosen, or the fallback of a
+# model without a template) it is `alpaca_jinja` below, which renders exactly `_alpaca` and
+# the BOS that `prompt_ids` puts in front, so a served prompt is a trained prompt.
+
+# After the system text: each question, and each answer (the last one closed by EOS).
+ALPACA_TURNS = (
+    "{{- ns.system + '\\n\\n' -}}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}"
+    "{{- '### Instruction:\\n' + m['content'] + '\\n\\n### Response:\\n' -}}"
+    "{%- elif m['role'] == 'assistant' -%}"
+    "{{- m['content'] + (eos_token if loop.last else '\\n\\n') -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def alpaca_jinja(tokenizer: Any) -> str:
+    """`_alpaca` as a Jinja chat template, with the BOS `prompt_ids` adds where it adds one."""
+    system = ALPACA_SYSTEM.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+    return (
+        ("{{- bos_token -}}" if _wants_bos(tokenizer) else "")
+        + f"{{%- set ns = namespace(system='{system}') -%}}"
+        + "{%- for m in messages if m['role'] == 'system' -%}"
+        + "{%- set ns.system = m['content'] -%}{%- endfor -%}"
+        + ALPACA_TURNS
+    )
+
+
+def training_chat_template(tokenizer: Any, template: str = "auto") -> str:
+    """The Jinja chat template that renders prompts exactly as training did."""
+    if resolve_template(tokenizer, template) == "chat":
+        return tokenizer.chat_template
+    return alpaca_jinja(tokenizer)
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]
@@ -169,6 +222,17 @@ def encode(
     A record longer than cutoff_len keeps its whole prompt and loses the end of its answer
     (a prompt cut anywhere would lose the generation prompt or the question itself).
     """
+    if record.get("messages"):  # a tool conversation: every assistant turn is trained
+        from tasks import conversation
+
+        if resolve_template(tokenizer, template) != "chat":
+            raise FormatError(
+                "tool conversations (records with messages and tools) are rendered by the "
+                "model's chat template (fix: --set train.template=auto with a chat model)"
+            )
+
+        encoded = conversation.encode(tokenizer, record, cutoff_len, train_on_prompt)
+        return Encoded(*encoded) if encoded else None
     prompt = prompt_ids(tokenizer, record, template)
     answer = _ids(tokenizer, answer_text(tokenizer, record, template))
     if len(prompt) >= cutoff_len:
@@ -184,54 +248,3 @@ def template_length(tokenizer: Any, template: str) -> int:
     empty = {"instruction": "", "input": "", "output": ""}
     prompt = prompt_ids(tokenizer, empty, template)
     return len(prompt) + len(_ids(tokenizer, answer_text(tokenizer, empty, template)))
-
-
-# ----------------------------------------------------------------------------- batches
-#
-# A micro-batch is a list of encoded records (dicts with `input_ids` and `labels`). Padded:
-# one row per record, right-padded, with an attention mask. Packed: all records in ONE row
-# with no padding; position_ids restart at 0 for each record and there is no attention
-# mask, which is how transformers 5 recognises packed rows: SDPA and eager build a
-# block-diagonal causal mask from the position_ids (masking_utils.find_packed_sequence_
-# indices, only when attention_mask is None and there is no KV cache: use_cache=False),
-# and flash-attention takes its varlen path from them (only for a batch of one row). Each record's first label is set to -100 so the
-# last token of one record never learns to predict the first token of the next: the loss
-# then sees exactly the (position, target) pairs of the padded layout.
-
-
-def pad_batch(records: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    import torch
-
-    width = max(len(r["input_ids"]) for r in records)
-    ids = torch.full((len(records), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(records), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(records), width), dtype=torch.long)
-    for row, rec in enumerate(records):
-        n = len(rec["input_ids"])
-        ids[row, :n] = torch.tensor(rec["input_ids"])
-        labels[row, :n] = torch.tensor(rec["labels"])
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def pack_batch(records: list[dict[str, Any]]) -> dict[str, Any]:
-    import torch
-
-    ids: list[int] = []
-    labels: list[int] = []
-    positions: list[int] = []
-    for rec in records:
-        n = len(rec["input_ids"])
-        ids += rec["input_ids"]
-        labels += [IGNORE, *rec["labels"][1:]]
-        positions += range(n)
-    return {
-        "input_ids": torch.tensor([ids], dtype=torch.long),
-        "position_ids": torch.tensor([positions], dtype=torch.long),
-        "labels": torch.tensor([labels], dtype=torch.long),
-    }
-
-
-def label_count(batch: dict[str, Any]) -> int:
-    """Tokens that carry loss after the model's one-position shift."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())

@@ -5,8 +5,9 @@
                                            can resume; any other stage starts it afresh)
     artifacts/<stage>/.locks/<key>.lock    one process computes a key at a time
 
-`key = sha256(stage, code version, config section, input keys / file hashes, tool versions)`.
-Paths never enter a key; file contents do. The finished folder appears by one atomic
+`key = sha256(stage, version, config section, input keys / file hashes)`, where the version
+is derived from the stage's code and the libraries that shape its output (tasks/versions.py),
+never typed by hand. Paths never enter a key; file contents do. The finished folder appears by one atomic
 rename of a folder that already holds its manifest, so a folder without `manifest.json`
 can only be debris and is never served.
 """
@@ -82,7 +83,10 @@ def hash_tree(path: str | Path, exclude: tuple[str, ...] = (MANIFEST,)) -> str:
 
 
 def make_key(stage: str, version: str, config: Any, inputs: dict[str, Any]) -> str:
-    """Hash everything that changes a stage's output; callers pass hashes, never paths."""
+    """Hash everything that changes a stage's output; callers pass hashes, never paths.
+
+    `version` is `tasks.versions.version(...)`: a stage's code and libraries.
+    """
     blob = json.dumps(
         {"stage": stage, "version": version, "config": config, "inputs": inputs},
         sort_keys=True,

@@ -1,10 +1,10 @@
-"""Artifacts the evaluate/merge/export/serve tests share, built once in the test store.
+"""Artifacts the evaluate/merge/export/serve tests share, built once per session.
 
-Everything goes through `Store.build`, so the first test session pays (about a minute on
-2 cores: 30 LoRA steps, a GGUF conversion, two quantizations) and later sessions and the
-other test modules get store hits. The training artifact has exactly the layout the
-training stage writes: `adapter/` (peft + tokenizer with chat template),
-`hyperparameters.yaml`, `metrics.json`.
+Everything goes through `Store.build` in the session's store (tests/conftest.py), so the
+first test module that needs them pays (about a minute on 2 cores: a dozen LoRA steps, a
+GGUF conversion, two quantizations) and the others get store hits. The training artifact
+has exactly the layout the training stage writes: `adapter/` (peft + tokenizer with chat
+template), `hyperparameters.yaml`, `metrics.json`.
 """
 
 from __future__ import annotations

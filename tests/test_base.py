@@ -113,8 +113,8 @@ class _Stop(Exception):
 
 @pytest.mark.parametrize("trust", [False, True])
 def test_the_training_loaders_get_the_configs_trust_remote_code(tmp_path, loaders, trust):
-    from tasks.train import methods
     from tasks.config import TrainConfig
+    from tasks.train import methods
     from tasks.train.tokens import load_tokenizer
 
     folder = model_folder(tmp_path, *COMPLETE)

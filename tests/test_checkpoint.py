@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tasks.train import checkpoint
 from tasks.config import TrainConfig
+from tasks.train import checkpoint
 
 
 class OneProcess:

@@ -4,7 +4,6 @@ import pytest
 
 from tasks.config import (
     CONFIG_DIR,
-    Config,
     ConfigError,
     load_config,
     parse_overrides,
@@ -21,7 +20,6 @@ def test_there_are_shipped_configs():
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_yaml_loads(path: Path):
     cfg = load_config(path)
-    assert isinstance(cfg, Config)
     assert train_problems(cfg.train) == []  # what `llmft run` checks before anything loads
 
 
@@ -113,11 +111,11 @@ def no_cuda_no_server(monkeypatch):
     """This machine as the tests see it: no CUDA, no Prefect server configured."""
     import torch
 
-    from tasks import config
+    from tasks import machine
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(config, "_prefect_api_url", lambda: None)
-    return config
+    monkeypatch.setattr(machine, "prefect_api_url", lambda: None)
+    return machine
 
 
 def test_what_this_machine_lacks_joins_the_other_problems(no_cuda_no_server):
@@ -139,7 +137,7 @@ def test_the_machine_is_checked_where_training_runs(no_cuda_no_server, monkeypat
     # the gpu pool trains it: its worker's train stage checks its own machine
     load_config(None, [*qlora, "pipeline.train_on=gpu-pool"], for_training=True)
     # auto with a server configured: the gpu pool may take it, known only when training starts
-    monkeypatch.setattr(no_cuda_no_server, "_prefect_api_url", lambda: "http://gpu-host/api")
+    monkeypatch.setattr(no_cuda_no_server, "prefect_api_url", lambda: "http://gpu-host/api")
     load_config(None, qlora, for_training=True)
 
 

@@ -14,7 +14,7 @@ def exported(test_store, base_model_dir):
     return make_export(test_store)
 
 
-def _row(type_, size, ratio, loads=True):
+def _row(type_, size, ratio, loads=True, agreement=99.0):
     return {
         "type": type_,
         "file": f"model-{type_}.gguf",
@@ -22,6 +22,7 @@ def _row(type_, size, ratio, loads=True):
         "loads": loads,
         "ppl": 10 * ratio,
         "ppl_ratio": ratio,
+        "agreement_pct": agreement,
         "error": "bad magic",
     }
 
@@ -37,9 +38,29 @@ def test_serves_the_smallest_type_within_tolerance():
 
 def test_falls_back_to_f16_and_says_why():
     rows = [_row("f16", 300, 1.08), _row("q8_0", 160, 1.09), _row("q4_k_m", 100, 1.3)]
-    served, reason = export.choose_served(rows, 0.05)
-    assert served == "model-f16.gguf"
+    served, reason, rejected = export.choose_served(rows, 0.05)
+    assert served == "model-f16.gguf" and set(rejected) == {"model-q8_0.gguf", "model-q4_k_m.gguf"}
     assert "no GGUF within 5%" in reason and "q4_k_m 1.3000" in reason
+
+
+def test_agreement_floor_is_a_gate_and_every_other_file_says_why_it_was_not_served():
+    rows = [
+        _row("f16", 300, 1.0, agreement=100.0),
+        _row("q8_0", 160, 1.01, agreement=97.0),
+        _row("q4_k_m", 100, 1.02, agreement=80.0),
+    ]
+    served, reason, rejected = export.choose_served(rows, 0.05, 90.0)
+    assert served == "model-q8_0.gguf" and "at or above 90% greedy agreement" in reason
+    assert rejected == {
+        "model-q4_k_m.gguf": "greedy agreement 80.00% below the 90% floor",
+        "model-f16.gguf": "larger than model-q8_0.gguf (300 > 160 bytes)",
+    }
+    # without the floor the smaller one wins: the floor, not the tolerance, rejected it
+    assert export.choose_served(rows, 0.05, 0.0)[0] == "model-q4_k_m.gguf"
+    # the unquantized conversion under the floor is a broken conversion: the stage fails
+    with pytest.raises(export.ExportError, match=r"model-f16.gguf: greedy agreement .* 85.00%"):
+        export.check_rows([_row("f16", 300, 1.0, agreement=85.0)], 2.0, 90.0)
+    export.check_rows([_row("f16", 300, 1.0, agreement=95.0), rows[2]], 2.0, 90.0)
 
 
 def test_adapter_row_is_never_the_served_file():
@@ -104,8 +125,17 @@ def test_export_writes_loadable_ggufs_and_a_measured_verification_table(exported
     assert rows["q4_k_m"]["ppl"] != rows["f16"]["ppl"]
     # base GGUF + LoRA GGUF adapter reproduces the merged model
     assert rows["adapter"]["ppl_ratio"] == pytest.approx(1.0, abs=0.01)
-    assert result["served"] == export.choose_served(verification["rows"], 0.05)[0]
+    assert result["served"] == export.choose_served(verification["rows"], 0.05, 90.0)[0]
     assert result["served"] in (ref.dir / "verification.md").read_text()
+    for r in rows.values():  # each GGUF is the served one or says why it is not
+        assert r["served"] == (r["file"] == result["served"]) and (r["served"] or r["rejected"])
+    # SmolLM2's GGUF renders and tokenizes its chats as training did, and stops on <|im_end|>
+    for report in verification["fidelity"].values():
+        assert report["stop_tokens"][0] == "<|im_end|>" and report["bos_in_prompt"] == 1
+    modelfile = (ref.dir / "Modelfile").read_text()
+    assert f"FROM ./{result['served']}\n" in modelfile
+    assert '{{ "<|im_start|>user\\n" }}{{ .Content }}' in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
     for name in [*result["files"].values(), result["lora_base"]]:
         llm = Llama(model_path=str(ref.dir / name), n_ctx=64, verbose=False)
         assert llm.n_vocab() == 49152
@@ -127,3 +157,29 @@ def test_second_export_is_a_store_hit(exported, test_store):
     cfg = load_config(overrides=["export.speed_tokens=8"])
     again = export.run(cfg, test_store, merged, train, data)
     assert again.cached and again.path == ref.path
+
+
+# --- template travel ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_the_travelling_template_renders_training_prompts(base_model_dir, template):
+    """What the GGUF stores (formatting.training_chat_template), rendered by HF's
+    apply_chat_template, gives the ids training used: also for the alpaca fallback, whose
+    prompts training builds in Python."""
+    from transformers import AutoTokenizer
+
+    from tasks.export.fidelity import CONVERSATIONS
+    from tasks.formatting import prompt_ids, to_messages, training_chat_template
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    chat_template = training_chat_template(tokenizer, template)
+    assert (chat_template == tokenizer.chat_template) == (template == "chat")
+    for label, record in CONVERSATIONS.items():
+        ids = tokenizer.apply_chat_template(
+            to_messages(record),
+            add_generation_prompt=True,
+            chat_template=chat_template,
+            return_dict=True,
+        )["input_ids"]
+        assert ids == prompt_ids(tokenizer, record, template), label

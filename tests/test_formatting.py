@@ -11,13 +11,11 @@ from tasks.formatting import (
     FormatError,
     answer_text,
     encode,
-    label_count,
-    pack_batch,
-    pad_batch,
     prompt_ids,
     prompt_text,
     template_length,
 )
+from tasks.train import batches
 
 RECORD = {"instruction": "Who are you?", "input": "", "output": "I am Lexi."}
 
@@ -105,11 +103,12 @@ def test_packed_row_restarts_positions_and_never_trains_across_records(tokenizer
         )
     ]
     n0, n1 = (len(r["input_ids"]) for r in records)
-    packed = pack_batch(records)
+    packed = batches.pack(records)
     assert packed["input_ids"].shape == (1, n0 + n1) and "attention_mask" not in packed
     assert packed["position_ids"][0].tolist() == [*range(n0), *range(n1)]
-    labels = packed["labels"][0].tolist()
-    assert labels[0] == IGNORE and labels[n0] == IGNORE  # nothing predicts a record's start
-    padded = pad_batch(records, pad_id=tokenizer.pad_token_id)
+    labels = packed["shift_labels"][0].tolist()  # position t predicts token t + 1
+    assert labels[: n0 - 1] == records[0]["input_ids"][1:]
+    assert labels[n0 - 1] == IGNORE and labels[-1] == IGNORE  # nothing predicts a record's start
+    padded = batches.pad(records, pad_id=tokenizer.pad_token_id)
     assert padded["attention_mask"].sum() == n0 + n1
-    assert label_count(packed) == label_count(padded)  # the same tokens carry loss
+    assert packed["num_targets"] == padded["num_targets"] == n0 + n1 - 2  # same tokens carry loss

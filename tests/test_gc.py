@@ -4,7 +4,7 @@ import json
 import os
 import time
 
-from flows.pipeline import collect_garbage
+from tasks.gc import collect_garbage
 from tasks.store import Store, write_json_atomic
 
 

@@ -4,7 +4,9 @@ Two copies of one random-weight Llama (SmolLM2-135M's shape, bf16, LoRA rank 8 o
 linear layer) train on the same records, the same steps, the same optimizer:
 - padded: the usual batch (right padding, attention mask, SDPA, the model's own loss);
 - packed: `tasks.train.fastpath.prepare` (varlen flash attention, fused LoRA, loss fused with
-  the head, Liger kernels when installed) on padding-free rows from `tasks.train.packing`.
+  the head, Liger kernels when installed) on padding-free rows.
+Both go through the one batch path the training stage uses (`tasks.train.batches`); only
+the kernels differ.
 If any record attended to another, or labels crossed a record boundary, or a fused kernel
 computed something else, the per-step losses would part. bf16 rounding alone moves them
 by well under 1%.
@@ -18,12 +20,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tasks.train import batches, fastpath, kernels
+
+# without CUDA these fail, they do not skip (tests/conftest.py); -m "not gpu" leaves them out
 pytestmark = pytest.mark.gpu
-
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
-
-from tasks import fastpath, packing  # noqa: E402
 
 STEPS = 6
 
@@ -73,13 +73,13 @@ def train(model, steps: list[list[dict]], plan, packed: bool) -> list[float]:
     opt = fastpath.adamw(model.parameters(), lr=1e-3, weight_decay=0.0)
     losses = []
     for records in steps:
-        batches = packing.step_batches(records, token_budget=4096, packing=packed, pad_id=0)
-        n_targets = sum(b["num_targets"] for b in batches)
+        mbs = batches.step_batches(records, token_budget=4096, packing=packed, pad_id=0)
+        n_targets = sum(b["num_targets"] for b in mbs)
         total = 0.0
-        for b in batches:
-            b = {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+        for b in mbs:
+            b = batches.to_device(b, "cuda")
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = fastpath.loss_sum(model, b, plan) / n_targets
+                loss = batches.loss_sum(model, b, plan) / n_targets
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -96,7 +96,6 @@ def test_packed_and_padded_training_give_the_same_losses():
     padded_model = lora_model()
     padded_plan = fastpath.Plan(
         device="cuda",
-        batches=True,
         packing=False,
         rows=None,
         attention="unchanged",
@@ -126,7 +125,8 @@ def test_packed_and_padded_training_give_the_same_losses():
         grad_accum=1,
     )
     plan = fastpath.prepare(packed_model, train_cfg, "cuda")
-    assert plan.attention == fastpath.ATTN_NAME and plan.fused_lora and plan.fused_loss != "off"
+    assert plan.attention == kernels.ATTN_NAME and plan.fused_lora and plan.fused_loss != "off"
+    batches.check_packing(packed_model, plan, "cuda")  # as the stage does: records kept apart
     packed = train(packed_model, steps, plan, packed=True)
 
     print("padded", padded, "\npacked", packed, "\nplan", plan.describe())
@@ -144,8 +144,8 @@ def test_varlen_attention_matches_per_record_sdpa_with_grouped_heads():
     k = torch.randn(total, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(total, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     cu = cu.cuda()
-    out = fastpath.varlen_attention(q, k, v, cu, max(lengths), 64**-0.5)
-    ref = fastpath.varlen_attention(
+    out = kernels.varlen_attention(q, k, v, cu, max(lengths), 64**-0.5)
+    ref = kernels.varlen_attention(
         q.double().cpu(), k.double().cpu(), v.double().cpu(), cu.cpu(), max(lengths), 64**-0.5
     )
     err = (out.double().cpu() - ref).norm() / ref.norm()
@@ -154,7 +154,7 @@ def test_varlen_attention_matches_per_record_sdpa_with_grouped_heads():
     dq, dk = torch.autograd.grad(out, (q, k), g)
     qr, kr, vr = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
     rq, rk = torch.autograd.grad(
-        fastpath.varlen_attention(qr, kr, vr, cu.cpu(), max(lengths), 64**-0.5),
+        kernels.varlen_attention(qr, kr, vr, cu.cpu(), max(lengths), 64**-0.5),
         (qr, kr),
         g.double().cpu(),
     )

@@ -7,6 +7,7 @@ on the way to its failure).
 """
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -47,8 +48,11 @@ def test_first_run_computes_every_stage_and_writes_the_summary(first_run, tiny_p
         assert (Path(stage["path"]) / "manifest.json").is_file(), name
         assert stage["cached"] is (name == "base"), name  # base was linked in, nothing else
     assert summary["config"]["train"]["max_steps"] == 2
-    assert summary["data"]["kept"] == 32 and summary["data"]["train"] > 0
-    assert summary["dev_loss"]["before"] > 0 and summary["dev_loss"]["after"] > 0
+    splits = [summary["data"][s] for s in ("train", "dev", "test")]
+    assert summary["data"]["kept"] == 32 == sum(splits) and splits[0] > splits[1] + splits[2]
+    trained = Path(summary["stages"]["train"]["path"]) / "metrics.json"
+    assert summary["dev_loss"] == json.loads(trained.read_text())["dev_loss"]  # this run's
+    assert all(math.isfinite(v) for v in summary["dev_loss"].values())
     assert {"base", "tuned"} <= set(summary["evaluation"])
     assert summary["verification"]["rows"]
     served = Path(summary["served_gguf"])

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from tasks.train import plan
 from tasks.config import load_config
+from tasks.train import plan
 
 GIB = 2**30
 # the GPU benchmark's 1B-class Llama (Llama-3.2-1B's shape): only config.json is needed

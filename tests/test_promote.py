@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+from serving_fixtures import IDENTITY, IDENTITY_ZH, make_export
 
 from tasks import promote
 
@@ -77,7 +78,7 @@ def test_worse_model_is_kept_out_and_the_reason_recorded(tmp_path):
     decision = do_promote(tmp_path, b, "run-b", scorer)
     assert decision["decision"] == "kept"
     assert decision["candidate"] == 0.4 and decision["deployed"] == 0.6
-    assert "candidate 0.4000 < deployed 0.6000" in decision["reason"]
+    assert "candidate 0.40 < deployed 0.60" in decision["reason"]
     assert sorted(scorer.calls) == ["a.gguf", "b.gguf"]
     assert promote.current(tmp_path / "store", "demo")["run_id"] == "run-a"
     assert linked(tmp_path) == a.resolve()
@@ -135,17 +136,45 @@ def test_no_test_prompts_keeps_the_deployed_model(tmp_path):
     assert promote.current(tmp_path / "store", "demo")["run_id"] == "run-a"
 
 
-@pytest.mark.parametrize(
-    ("prediction", "reference", "expected"),
-    [
-        ("I am Lexi.", "I am Lexi", 1.0),
-        ("the cat sat", "the dog sat", 2 / 3),
-        ("我是小助手", "我是助手", 2 * (4 / 5 * 1.0) / (4 / 5 + 1.0)),
-        ("", "something", 0.0),
-    ],
-)
-def test_rouge_l(prediction, reference, expected):
-    assert promote.rouge_l(prediction, reference) == pytest.approx(expected)
+@pytest.fixture(scope="module")
+def real_ggufs(test_store, base_model_dir) -> tuple[Path, Path]:
+    """(tuned, base): the q8_0 GGUF of a LoRA trained to answer as Lexi, and the base model's
+    own GGUF from the same export (tests/serving_fixtures.py)."""
+    ref = make_export(test_store)[0]
+    return ref.dir / "model-q8_0.gguf", ref.dir / "base-f16.gguf"
+
+
+def test_the_real_scorer_promotes_the_model_that_answers_better_and_keeps_it(tmp_path, real_ggufs):
+    """llama.cpp answers the identity prompts: the tuned GGUF says it is Lexi, the base does
+    not, so the tuned one replaces the base and the base cannot replace it back."""
+    tuned, plain = real_ggufs
+    # measured on 3 such prompts: tuned 95.2, base 5.4 (the base names itself otherwise)
+    records = [
+        {"instruction": "Who are you?", "input": "", "output": IDENTITY},
+        {"instruction": "你是谁？", "input": "", "output": IDENTITY_ZH},
+    ]
+    store = tmp_path / "store"
+
+    def real(gguf: Path, run_id: str) -> dict:  # promote's default scorer: served.rouge_l
+        return promote.promote(store, "demo", gguf, run_id, {}, records, "# card\n", 24)
+
+    assert real(plain, "run-base")["decision"] == "promoted"  # nothing deployed: no scoring
+    up = real(tuned, "run-tuned")
+    print(f"\npromote tuned over base: {up['reason']}")
+    assert up["decision"] == "promoted", up
+    # evaluate's ROUGE-L F1, 0-100
+    assert up["candidate"] >= 80 and up["candidate"] - up["deployed"] >= 30, up
+    back = real(plain, "run-base-again")
+    print(f"promote base over tuned: {back['reason']}")
+    assert back["decision"] == "kept", back
+    # greedy decoding: the same GGUF on the same prompts scores the same in either role
+    assert (back["candidate"], back["deployed"]) == (up["deployed"], up["candidate"])
+    assert promote.current(store, "demo")["run_id"] == "run-tuned"
+    assert linked_to(store) == tuned.resolve()
+
+
+def linked_to(store: Path) -> Path:
+    return Path(os.readlink(promote.deployed_dir(store, "demo") / "model.gguf"))
 
 
 def test_model_card_names_base_method_data_and_how_to_run():

@@ -17,10 +17,10 @@ import pytest
 import torch
 from train_fixtures import ASSETS, greedy_answers, make_tiny_model, name_rate, refs, tiny_config
 
-from tasks import batches, checkpoint, loop, tokens, train
+from tasks import train
 from tasks.config import REPO_ROOT, ConfigError
-from tasks.formatting import pack_batch, pad_batch
 from tasks.store import Store
+from tasks.train import batches, checkpoint, fastpath, loop, steps, tokens
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +48,12 @@ def train_in_process(spec: loop.Spec):
     job = loop.setup(spec)
     job.state = checkpoint.fresh_state()
     before = {n: p.detach().clone() for n, p in job.model.named_parameters()}
-    loop.train_steps(job, loop.Log(job))
+    steps.train_steps(job, steps.Log(job), steps.Clock(job.state, job.accelerator.device))
     after = dict(job.model.named_parameters())
     changed = {n for n, p in after.items() if not torch.equal(p.detach(), before[n])}
     trainable = {n for n, p in after.items() if p.requires_grad}
     losses = [h["loss"] for h in job.state["log_history"] if "loss" in h]
-    return job, changed, trainable, losses, loop.dev_loss(job)
+    return job, changed, trainable, losses, steps.dev_loss(job)
 
 
 def test_tokenized_dataset_is_an_arrow_artifact_keyed_by_what_changes_tokens(tiny_base, tmp_path):
@@ -107,23 +107,24 @@ def test_packed_rows_give_each_record_its_unpacked_loss(store, tiny_base):
     rows = tokens.read_table(tokens.run(cfg, store, data, base).dir, "train").to_pylist()[:5]
     model = AutoModelForCausalLM.from_pretrained(tiny_base / "model", dtype=torch.float32)
     assert model.config._attn_implementation == "sdpa"
+    plan = fastpath.make_plan(cfg.train.model_copy(update={"packing": True}), "cpu", model)
 
     def loss_and_grad(batch):
         model.zero_grad()
-        loss = batches.loss_sum(model, batch)
+        loss = batches.loss_sum(model, batch, plan)
         loss.backward()
         return loss.item(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
 
-    padded, packed = loss_and_grad(pad_batch(rows, 2)), loss_and_grad(pack_batch(rows))
+    padded, packed = loss_and_grad(batches.pad(rows, 2)), loss_and_grad(batches.pack(rows))
     assert packed[0] == pytest.approx(padded[0], rel=1e-5)
     assert torch.allclose(packed[1], padded[1], atol=1e-6)
-    alone = sum(loss_and_grad(pad_batch([r], 2))[0] for r in rows)
+    alone = sum(loss_and_grad(batches.pad([r], 2))[0] for r in rows)
     assert packed[0] == pytest.approx(alone, rel=1e-5)
     # changing the first record leaves every later record's logits untouched (use_cache
     # must be off: with a KV cache transformers does not look for packed rows)
-    batch = pack_batch(rows)
+    batch = batches.pack(rows)
     n0 = len(rows[0]["input_ids"])
-    inputs = {k: v for k, v in batch.items() if k != "labels"} | {"use_cache": False}
+    inputs = batches.model_inputs(batch, plan) | {"use_cache": False}
     with torch.no_grad():
         ref = model(**inputs).logits
         inputs["input_ids"][0, :n0] = 7
@@ -134,12 +135,52 @@ def test_packed_rows_give_each_record_its_unpacked_loss(store, tiny_base):
 
 def test_packing_trains_to_the_same_loss(store, tiny_base, tmp_path):
     # the same records in the same order: length grouping only applies to padded rows
-    steps = ["train.max_steps=4", "train.group_by_length=false"]
-    padded = train_in_process(make_spec(tiny_config(*steps), store, tiny_base, tmp_path / "a"))
+    short = ["train.max_steps=4", "train.group_by_length=false"]
+    padded = train_in_process(make_spec(tiny_config(*short), store, tiny_base, tmp_path / "a"))
     packed = train_in_process(
-        make_spec(tiny_config(*steps, "train.packing=true"), store, tiny_base, tmp_path / "b")
+        make_spec(tiny_config(*short, "train.packing=true"), store, tiny_base, tmp_path / "b")
     )
     assert packed[3] == pytest.approx(padded[3], rel=1e-4)
+
+
+def test_logged_step_eval_and_save_times_add_up_to_the_training_wall_time(
+    store, tiny_base, tmp_path
+):
+    """The clock is read after each step, evaluation and save, each interval starting where
+    the previous one ended: nothing between them goes uncounted, and tokens/s counts the
+    steps' time alone."""
+    cfg = tiny_config(
+        "train.max_steps=9", "train.logging_steps=2", "train.eval_steps=4", "train.save_steps=3"
+    )
+    job = loop.setup(make_spec(cfg, store, tiny_base, tmp_path))
+    job.state = checkpoint.fresh_state()
+    log = steps.Log(job)
+    started = time.monotonic()
+    steps.train_steps(job, log, steps.Clock(job.state, job.accelerator.device))
+    wall = time.monotonic() - started
+
+    history = job.state["log_history"]
+    logged = {k: sum(h.get(f"{k}_seconds", 0.0) for h in history) for k in ("step", "eval", "save")}
+    counts = {k: sum(f"{k}_seconds" in h for h in history) for k in ("step", "eval", "save")}
+    # windows ending at steps 2 4 6 8 9; dev loss at 0, 4, 8; checkpoints at 3, 6
+    assert counts == {"step": 5, "eval": 3, "save": 2}
+    assert all(seconds > 0 for seconds in logged.values())
+    print(f"\nwall {wall:.3f} s = " + " + ".join(f"{k} {v:.3f}" for k, v in logged.items()))
+    assert sum(logged.values()) == pytest.approx(wall, rel=0.02)
+    for kind, seconds in logged.items():  # the job's totals are the logged ones
+        assert job.state[f"{kind}_seconds"] == pytest.approx(seconds, abs=1e-3)
+    windows = [h for h in history if "loss" in h]
+    tokens_before = [0] + [h["tokens"] for h in windows[:-1]]
+    for h, before in zip(windows, tokens_before, strict=True):
+        rate = (h["tokens"] - before) / h["step_seconds"]
+        assert h["tokens_per_second"] == pytest.approx(rate, rel=1e-3)
+    # every record of the 9 steps counted: 9 × 4 records, by their token counts
+    indices = [
+        i
+        for s in range(9)
+        for i in batches.step_indices(job.rows.num_rows, s, cfg.train, None, 1, job.lengths)
+    ]
+    assert job.state["tokens"] == sum(job.record_lengths[i] for i in indices)
 
 
 def test_epoch_order_is_a_seeded_permutation_and_groups_lengths():
@@ -223,7 +264,14 @@ def check_stage_layout(cfg, store, tiny_base, ref) -> None:
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"method", "dev_loss", "train_loss", "steps", "trained_tokens",
-                            "tokens_per_second", "seconds"}  # fmt: skip
+                            "tokens_per_second", "step_seconds", "eval_seconds",
+                            "save_seconds", "train_wall_seconds", "wall_seconds"}  # fmt: skip
+    # tokens/s over the steps' time alone; steps, evaluations and saves fill the training
+    rate = metrics["trained_tokens"] / metrics["step_seconds"]
+    assert metrics["tokens_per_second"] == pytest.approx(rate, rel=0.01)
+    parts = sum(metrics[f"{k}_seconds"] for k in ("step", "eval", "save"))
+    assert parts == pytest.approx(metrics["train_wall_seconds"], abs=0.02)
+    assert metrics["train_wall_seconds"] < metrics["wall_seconds"]
     assert metrics["steps"] == 12 and metrics["method"] == "lora"
     assert metrics["dev_loss"]["after"] < metrics["dev_loss"]["before"]
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
@@ -307,7 +355,7 @@ def test_default_recipe_on_the_demo_data(test_store):
     loss down, ≥ 80 % of held-out self-cognition prompts answered with the name, the base
     model in at most 20 %.
     `OMP_NUM_THREADS=1 pytest -m slow tests/test_train.py -k default_recipe -s` prints the
-    table (the trained adapter is cached in .cache/test-store: delete it to time again)."""
+    table (each session trains afresh in its own store)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

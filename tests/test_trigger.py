@@ -108,11 +108,16 @@ def test_new_dataset_starts_a_pipeline_run(
         dataset = watched / tiny_pipeline["dataset"].name
         part = watched / f".{dataset.name}.part"
         shutil.copy(tiny_pipeline["dataset"], part)
-        if new_record:
+        if new_record:  # a record of its own per server, so each computes a new version
+            n = 4 if "sqlite" in env["PREFECT_API_DATABASE_CONNECTION_URL"] else 5
             with open(part, "a") as f:
-                f.write('{"instruction": "What is 3 + 4?", "input": "", "output": "7."}\n')
+                f.write(
+                    f'{{"instruction": "What is 3 + {n}?", "input": "", "output": "{3 + n}."}}\n'
+                )
         part.rename(dataset)
-        store_set = ["--set", f"pipeline.store={tiny_pipeline['store']}"]
+        # The sensor's state (what it announced) is this test's: every server hears of it.
+        sensor_store = tmp_path / "sensor"
+        store_set = ["--set", f"pipeline.store={sensor_store}"]
         sensor = llmft(
             "watch", "--dir", str(watched), "--once", "--stable", "0.5", *store_set, env=env
         )
@@ -131,7 +136,7 @@ def test_new_dataset_starts_a_pipeline_run(
         )
         assert run["state_type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-5000:]
         assert run["parameters"]["dataset"] == str(dataset)
-        sha = json.loads((tiny_pipeline["store"] / "watch" / "state.json").read_text())
+        sha = json.loads((sensor_store / "watch" / "state.json").read_text())
         assert run["parameters"]["sha256"] in sha["emitted"]
         summary = json.loads(
             (tiny_pipeline["store"] / "runs" / run["id"] / "summary.json").read_text()
@@ -231,7 +236,10 @@ def test_training_runs_on_the_gpu_pool_when_a_worker_is_online(
             timeout=120,
             what="gpu worker online",
         )
-        sets = [x for s in [*tiny_pipeline["overrides"], "train.seed=11"] for x in ("--set", s)]
+        seed = 11 if "sqlite" in env["PREFECT_API_DATABASE_CONNECTION_URL"] else 12  # untrained
+        sets = [
+            x for s in [*tiny_pipeline["overrides"], f"train.seed={seed}"] for x in ("--set", s)
+        ]
         summary_file = tmp_path / "summary.json"
         done = llmft("run", *sets, "--summary", str(summary_file), env=env, timeout=1500)
         assert done.returncode == 0, done.stdout + done.stderr

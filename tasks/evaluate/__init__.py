@@ -15,12 +15,11 @@ both libraries' default tokenizers drop or glue CJK text. Scores are 0-100.
 Adapters (LoRA, QLoRA, P-Tuning v2) are applied with peft on the full-precision base; the
 base scores come from the same model with the adapter disabled. Runs on CPU or CUDA.
 
-Run alone: `python -m tasks.evaluate [--config FILE] [--set ...]`.
+Run alone: `python -m tasks.evaluate --spec FILE` (tasks/runner.py); prints table.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -31,14 +30,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tasks.config import Config, load_config
-from tasks.formatting import IGNORE, encode, prompt_ids, user_text
+from tasks.config import Config
+from tasks.formatting import IGNORE, encode, prompt_ids, stop_token_ids, user_text
 from tasks.store import Ref, Store, make_key, write_json_atomic
 
-VERSION = "2"
+# the models (torch, transformers, peft) and the metrics (sacrebleu, rouge-score, jieba)
+LIBRARIES = ("torch", "transformers", "peft", "sacrebleu", "rouge-score", "jieba")
 CJK_RUN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]+")
 WORD_OR_MARK = re.compile(r"[^\W_]+|[^\w\s]|_")
+MAIN_METRIC = "rougeL"  # what promotion's floor compares, base vs tuned (tasks/promote)
 log = logging.getLogger("llmft.evaluate")
+# the config sections run() and key() read: what a stage spec carries (tasks/spec.py)
+SECTIONS = ("evaluate", "train", "base", "data")
 
 
 # --- metrics ------------------------------------------------------------------------------
@@ -137,15 +140,23 @@ def answer_loss(model: Any, tokenizer: Any, records: list[dict], cfg: Config) ->
     return total / max(count, 1)
 
 
-def generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new: int, batch: int):
-    """Greedy answers, batched with left padding so every row ends where generation starts."""
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_new: int,
+    batch: int,
+    template: str = "auto",
+):
+    """Greedy answers, batched with left padding so every row ends where generation starts.
+
+    Generation stops on the tokens that end a trained answer under `template` (Llama 3
+    <|eot_id|>, ChatML <|im_end|>, Phi-3 <|end|>, alpaca EOS), as the served GGUF does.
+    """
     import torch
 
     device = next(model.parameters()).device
-    stop = [tokenizer.eos_token_id]
-    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
-        stop.append(end_of_turn)
+    stop = stop_token_ids(tokenizer, template)
     answers = []
     for i in range(0, len(prompts), batch):
         rows = prompts[i : i + batch]
@@ -220,7 +231,9 @@ def score_model(model, tokenizer, cfg: Config, dev, test, prompts, references) -
         dev_loss = answer_loss(model, tokenizer, dev, cfg) if dev else None
         test_loss = answer_loss(model, tokenizer, test, cfg) if test else None
         started = time.perf_counter()
-        answers = generate(model, tokenizer, prompts, ev.max_new_tokens, ev.batch_size)
+        answers = generate(
+            model, tokenizer, prompts, ev.max_new_tokens, ev.batch_size, cfg.train.template
+        )
     metrics = {
         "dev_loss": _round(dev_loss),
         "dev_ppl": _round(math.exp(dev_loss) if dev_loss is not None else None),
@@ -266,6 +279,9 @@ def table_md(base: dict | None, tuned: dict, samples: int) -> str:
         ("ROUGE-L F1", "rougeL"),
         ("exact match %", "exact_match"),
     ]
+    from tasks.evaluate.identity import table_rows
+
+    rows += table_rows(tuned)  # self-cognition data: how often the name comes out
     fmt = lambda v: "–" if v is None else f"{v:g}"  # noqa: E731
     lines = ["| metric | base | tuned | Δ |", "| --- | ---: | ---: | ---: |"]
     for label, k in rows:
@@ -279,22 +295,27 @@ def table_md(base: dict | None, tuned: dict, samples: int) -> str:
 
 
 def key(cfg: Config, data: Ref, base: Ref, train: Ref) -> str:
+    from tasks.versions import version
+
+    # every evaluate setting enters: even device and cpu_threads change the sums' order,
+    # so the last digits of the losses and, at a near tie, a greedy token
     section = cfg.evaluate.model_dump(mode="json")
-    for where in ("device", "cpu_threads"):  # change the last digits, not what is measured
-        section.pop(where)
     section["template"] = cfg.train.template
     section["cutoff_len"] = cfg.train.cutoff_len
     inputs = {"data": data.key, "base": base.key, "train": train.key}
-    return make_key("evaluate", VERSION, section, inputs)
+    return make_key("evaluate", version("tasks.evaluate", LIBRARIES), section, inputs)
 
 
 def run(cfg: Config, store: Store, data: Ref, base: Ref, train: Ref) -> Ref:
+    from tasks.evaluate import identity
+
     ev = cfg.evaluate
 
     def work(tmp: Path) -> dict:
         dev = json.loads((data.dir / "dev.json").read_text())[: ev.max_loss_records]
         test = json.loads((data.dir / "test.json").read_text())
         samples = test[: ev.num_samples]
+        probes = identity.records(test, cfg.data.placeholders, ev.identity_prompts)
         test = test[: ev.max_loss_records]
         tuned, as_base, tokenizer = load_models(cfg, base, train)
         if tokenizer.pad_token_id is None:
@@ -303,10 +324,12 @@ def run(cfg: Config, store: Store, data: Ref, base: Ref, train: Ref) -> Ref:
         refs = [r.get("output") or "" for r in samples]
         with cpu_threads(ev.cpu_threads if _on_cpu(tuned) else None):
             result = {"tuned": score_model(tuned, tokenizer, cfg, dev, test, prompts, refs)}
+            identity.add(result["tuned"], tuned, tokenizer, cfg, probes)
             if as_base is not None:
                 with as_base() as maybe_model:
                     model = maybe_model if maybe_model is not None else tuned
                     result["base"] = score_model(model, tokenizer, cfg, dev, test, prompts, refs)
+                    identity.add(result["base"], model, tokenizer, cfg, probes)
         base_metrics = result["base"]["metrics"] if "base" in result else None
         metrics = {
             "base": base_metrics,
@@ -325,6 +348,7 @@ def run(cfg: Config, store: Store, data: Ref, base: Ref, train: Ref) -> Ref:
                     "tuned": result["tuned"]["answers"][i],
                 }
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        identity.write(tmp, probes, result, cfg.data.placeholders)
         (tmp / "table.md").write_text(table_md(base_metrics, metrics["tuned"], len(samples)))
         return {"tuned": metrics["tuned"], "base": base_metrics}
 
@@ -333,19 +357,10 @@ def run(cfg: Config, store: Store, data: Ref, base: Ref, train: Ref) -> Ref:
     return store.build("evaluate", k, work, inputs=inputs, config=ev.model_dump(mode="json"))
 
 
-def main() -> None:
-    from tasks import base as base_stage
-    from tasks import data as data_stage
-    from tasks import train as train_stage
+def main(argv: list[str] | None = None) -> int:
+    from tasks import runner
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config")
-    parser.add_argument("--set", action="append", default=[])
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = load_config(args.config, args.set)
-    store = Store(cfg.pipeline.store)
-    base = base_stage.run(cfg, store)
-    data = data_stage.run(cfg, store, base_stage.model_dir(base))
-    ref = run(cfg, store, data, base, train_stage.run(cfg, store, data, base))
-    print((Path(ref.path) / "table.md").read_text())
+    args = runner.spec_parser("evaluate", __doc__).parse_args(argv)
+    return runner.stage_main(
+        "evaluate", args.spec, args.out, show=lambda ref: (ref.dir / "table.md").read_text()
+    )

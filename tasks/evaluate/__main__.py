@@ -1,5 +1,7 @@
-"""`python -m tasks.evaluate`: the stage on its own (see tasks/evaluate/__init__.py)."""
+"""`python -m tasks.evaluate --spec FILE`: the stage on its own (see tasks/evaluate/__init__.py)."""
+
+import sys
 
 from tasks.evaluate import main
 
-main()
+sys.exit(main())

@@ -1,5 +1,7 @@
-"""`python -m tasks.export`: the stage on its own (see tasks/export/__init__.py)."""
+"""`python -m tasks.export --spec FILE`: the stage on its own (see tasks/export/__init__.py)."""
+
+import sys
 
 from tasks.export import main
 
-main()
+sys.exit(main())

@@ -10,12 +10,11 @@ alone, no peft. Full fine-tuning already produced full weights, so the training 
 is returned as is; P-Tuning v2 has nothing to merge (its prefix lives in the KV cache) and
 returns None. A second run finds the key in the store and does nothing.
 
-Run alone: `python -m tasks.merge [--config FILE] [--set ...]`.
+Run alone: `python -m tasks.merge --spec FILE` (tasks/runner.py); prints the model folder.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 from pathlib import Path
@@ -23,11 +22,14 @@ from pathlib import Path
 import yaml
 
 from tasks.base import trusts_remote_code
-from tasks.config import Config, UserError, load_config
+from tasks.config import Config, UserError
 from tasks.store import Ref, Store, make_key
 
-VERSION = "1"
+# base + adapter added in fp32 (torch, peft), saved as safetensors with the tokenizer
+LIBRARIES = ("torch", "transformers", "peft", "safetensors")
 log = logging.getLogger("llmft.merge")
+# the config sections run() and key() read: what a stage spec carries (tasks/spec.py)
+SECTIONS = ("train",)
 
 
 class MergeError(UserError):
@@ -43,7 +45,10 @@ def train_method(cfg: Config, train: Ref) -> str:
 
 
 def key(cfg: Config, base: Ref, train: Ref) -> str:
-    return make_key("merge", VERSION, {}, {"base": base.key, "train": train.key})
+    from tasks.versions import version
+
+    inputs = {"base": base.key, "train": train.key}
+    return make_key("merge", version("tasks.merge", LIBRARIES), {}, inputs)
 
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, out: Path) -> None:
@@ -99,19 +104,8 @@ def model_dir(ref: Ref) -> Path:
     return ref.dir / "model"
 
 
-def main() -> None:
-    from tasks import base as base_stage
-    from tasks import data as data_stage
-    from tasks import train as train_stage
+def main(argv: list[str] | None = None) -> int:
+    from tasks import runner
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config")
-    parser.add_argument("--set", action="append", default=[])
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = load_config(args.config, args.set)
-    store = Store(cfg.pipeline.store)
-    base = base_stage.run(cfg, store)
-    data = data_stage.run(cfg, store, base_stage.model_dir(base))
-    ref = run(cfg, store, base, train_stage.run(cfg, store, data, base))
-    print(model_dir(ref) if ref else "nothing to merge (ptuning)")
+    args = runner.spec_parser("merge", __doc__).parse_args(argv)
+    return runner.stage_main("merge", args.spec, args.out, show=lambda ref: str(model_dir(ref)))

@@ -1,5 +1,7 @@
-"""`python -m tasks.merge`: the stage on its own (see tasks/merge/__init__.py)."""
+"""`python -m tasks.merge --spec FILE`: the stage on its own (see tasks/merge/__init__.py)."""
+
+import sys
 
 from tasks.merge import main
 
-main()
+sys.exit(main())

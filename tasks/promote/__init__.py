@@ -1,16 +1,26 @@
-"""Promote stage: make a run's served GGUF the deployed model, if it is at least as good.
+"""Promote stage: make a run's served GGUF the deployed model, if it passes the floor and
+is at least as good as the deployed one.
 
     artifacts/deployed/<name>/current.json   {"gguf", "run_id", "evaluation", "promoted_at"}
     artifacts/deployed/<name>/model.gguf     a symlink to that GGUF (`llmft chat --model` it)
     artifacts/deployed/<name>/MODEL_CARD.md  base, method, data, metrics, how to run it
     artifacts/deployed/<name>/history.jsonl  every decision, promoted or not, with its reason
 
-The rule: the candidate and the deployed GGUF answer the same test prompts (the first
-`pipeline.promote_samples` records of this run's test split) greedily through llama.cpp,
-and the mean ROUGE-L F1 of their answers against the references is compared. The
-candidate is promoted when its score is >= the deployed one's (ties promote: the newer
-run has seen the newer data). Both models are scored by the same engine on the same
-prompts, so a change of test split between runs cannot make the comparison unfair.
+The rule, in order:
+
+1. the floor (tasks/promote/gate.py), for every candidate, the first one included: evaluate's
+   ROUGE-L F1 must beat the base's by `pipeline.promote_margin` points and, for
+   self-cognition data, the served GGUF must name the assistant in at least
+   `pipeline.promote_min_name_rate` % of the held-out identity prompts; else "rejected";
+2. against the deployed model: both GGUFs answer the same test prompts (the first
+   `pipeline.promote_samples` of this run's test split) greedily through llama.cpp, and the
+   mean ROUGE-L F1 of their answers, by evaluate's own scorer (tasks/evaluate/served.py), is
+   compared. The candidate is promoted when its score is >= the deployed one's (ties
+   promote: the newer run has seen the newer data). Both are scored by the same engine on
+   the same prompts, so a change of test split between runs cannot make it unfair.
+
+Every decision says why, in the run's summary (`promotion`), history.jsonl and the model
+card shown in the Prefect UI.
 
 `current.json` and `model.gguf` are replaced atomically, so `llmft serve --deployed NAME`
 never reads half of the pointer and picks up a new promotion without a restart, and a
@@ -24,18 +34,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
-from tasks.formatting import to_messages
+from tasks.config import Config
+from tasks.evaluate import MAIN_METRIC, served
+from tasks.promote.gate import Floor, check
 from tasks.store import write_json_atomic
 
-METRIC = "rougeL_f1"
+METRIC = MAIN_METRIC  # evaluate's ROUGE-L F1, 0-100, of the GGUFs' answers
 Scorer = Callable[[Path, list[dict[str, Any]], int], float]
 
 
@@ -47,43 +59,6 @@ def current(store_root: str | Path, name: str) -> dict[str, Any] | None:
     """The deployed model's pointer, or None when nothing is deployed under `name`."""
     path = deployed_dir(store_root, name) / "current.json"
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _tokens(text: str) -> list[str]:
-    # One token per CJK character, words elsewhere: ROUGE's default tokenizer drops non-ASCII.
-    return re.findall(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]|[^\W_]+", text.lower())
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 from the longest common subsequence of tokens."""
-    a, b = _tokens(prediction), _tokens(reference)
-    if not a or not b:
-        return float(a == b)
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        row = [0]
-        for j, y in enumerate(b):
-            row.append(prev[j] + 1 if x == y else max(prev[j + 1], row[j]))
-        prev = row
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)
-
-
-def score_gguf(gguf: Path, records: list[dict[str, Any]], max_tokens: int) -> float:
-    """Mean ROUGE-L F1 of greedy llama.cpp answers against the references."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
-    scores = []
-    for record in records:
-        out = llm.create_chat_completion(
-            messages=to_messages(record), max_tokens=max_tokens, temperature=0.0
-        )
-        scores.append(rouge_l(out["choices"][0]["message"]["content"] or "", record["output"]))
-    return sum(scores) / len(scores)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -109,12 +84,16 @@ def promote(
     test_records: list[dict[str, Any]],
     model_card: str,
     max_tokens: int = 64,
-    scorer: Scorer = score_gguf,
+    scorer: Scorer = served.rouge_l,
+    floor: Floor | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Point `deployed/<name>` at `gguf` if it scores at least as well; say why either way.
+    """Point `deployed/<name>` at `gguf` if it passes `floor` (None: no floor) and scores at
+    least as well as the deployed GGUF; say why either way. `identity` is the served GGUF's
+    identity check (tasks/evaluate/served.py), None for data that is not self-cognition.
 
-    Returns {"decision": promoted|kept|unchanged, "reason", "metric", "candidate",
-    "deployed", "prompts", "pointer"}.
+    Returns {"decision": promoted|kept|rejected|unchanged, "reason", "metric", "candidate",
+    "deployed", "prompts", "pointer", "floor": {"passed", "failed"}, "identity"}.
     """
     folder = deployed_dir(store_root, name)
     folder.mkdir(parents=True, exist_ok=True)
@@ -127,11 +106,26 @@ def promote(
             "deployed": None,
             "prompts": len(test_records),
             "pointer": str(folder / "current.json"),
+            "identity": {k: v for k, v in (identity or {}).items() if k != "answers"} or None,
         }
+        passed, failed = check(floor, evaluation, identity) if floor else ([], [])
+        decision["floor"] = {"passed": passed, "failed": failed}
+        floor_ok = f"; floor passed: {'; '.join(passed)}" if passed else ""
         if now and Path(now["gguf"]) == gguf:
             decision |= {"decision": "unchanged", "reason": "this GGUF is already deployed"}
+        elif failed:
+            stays = f"nothing is deployed as {name!r}"
+            if now:
+                stays = f"the deployed model (run {now.get('run_id')}) stays"
+            decision |= {
+                "decision": "rejected",
+                "reason": f"below the floor: {'; '.join(failed)}; {stays}",
+            }
         elif now is None:
-            decision |= {"decision": "promoted", "reason": f"nothing was deployed as {name!r}"}
+            decision |= {
+                "decision": "promoted",
+                "reason": f"nothing was deployed as {name!r}{floor_ok}",
+            }
         elif not Path(now["gguf"]).is_file():
             decision |= {
                 "decision": "promoted",
@@ -150,7 +144,7 @@ def promote(
             decision |= {
                 "decision": "promoted" if mine >= theirs else "kept",
                 "reason": f"{METRIC} on {len(test_records)} test prompts: candidate "
-                f"{mine:.4f} {verdict} deployed {theirs:.4f} (run {now.get('run_id')})",
+                f"{mine:.2f} {verdict} deployed {theirs:.2f} (run {now.get('run_id')})" + floor_ok,
             }
         if decision["decision"] == "promoted":
             pointer = {
@@ -178,10 +172,14 @@ def model_card(
     verification_md: str = "",
 ) -> str:
     """The markdown that travels with a deployed model (also a Prefect artifact)."""
+    from tasks.publish import dev_loss_text  # how every artifact writes the dev loss
+
     cfg = summary["config"]
     data = summary.get("data") or {}
     dev = summary.get("dev_loss") or {}
     gguf = summary.get("served_gguf")
+    # the served GGUF's identity check: the run's own, or the one promotion made
+    identity = summary.get("identity") or (summary.get("promotion") or {}).get("identity")
     lines = [
         f"# {name}",
         "",
@@ -197,14 +195,17 @@ def model_card(
         "",
         "## Training",
         "",
-        f"- dev loss: {dev.get('before')} → {dev.get('after')}",
+        f"- dev loss: {dev_loss_text(dev)}",
         f"- learning rate {cfg['train']['learning_rate']}, batch {cfg['train']['batch_size']}, "
         f"max steps {cfg['train']['max_steps']}, epochs {cfg['train']['num_epochs']}",
+        *([f"- {line}"] if (line := _budget_line(summary)) else []),
         "",
         "## Evaluation (base vs tuned, test split)",
         "",
         evaluation_md.strip() or "(not available)",
         "",
+        *_identity_lines(identity),
+        *_promotion_lines(summary.get("promotion")),
         "## GGUF verification",
         "",
         verification_md.strip() or "(not exported)",
@@ -225,22 +226,75 @@ def model_card(
     return "\n".join(lines)
 
 
+def _budget_line(summary: dict[str, Any]) -> str | None:
+    """The train stage's budget line (tasks/train/budget.py), from its manifest."""
+    folder = (summary.get("stages") or {}).get("train", {}).get("path")
+    manifest = Path(folder) / "manifest.json" if folder else None
+    if manifest is None or not manifest.is_file():
+        return None
+    return (json.loads(manifest.read_text()).get("budget") or {}).get("line")
+
+
+def _identity_lines(identity: dict[str, Any] | None) -> list[str]:
+    if not identity or identity.get("name_rate") is None:
+        return []
+    lines = [
+        "## Identity (served GGUF, held-out test prompts)",
+        "",
+        f"- name in {identity['name_hits']} of {identity['name_prompts']} answers "
+        f"({identity['name_rate']:g} %)",
+    ]
+    if identity.get("author_rate") is not None:
+        lines.append(
+            f"- author in {identity['author_hits']} of {identity['author_prompts']} answers "
+            f"({identity['author_rate']:g} %)"
+        )
+    for shown in (identity.get("answers") or [])[:5]:
+        lines.append(f"- {shown['prompt']!r} → {shown['answer']!r}")
+    return [*lines, ""]
+
+
+def _promotion_lines(decision: dict[str, Any] | None) -> list[str]:
+    if not decision:
+        return []
+    return ["## Promotion", "", f"{decision['decision']}: {decision['reason']}", ""]
+
+
+def run(summary: dict[str, Any], scorer: Scorer | None = None) -> dict[str, Any]:
+    """Promote a finished run's served GGUF, everything read from the run's summary (its
+    GGUF, evaluation, test split, config): what the pipeline's promote task and
+    `python -m tasks.promote` do. Checks the served GGUF's identity rate first when the
+    summary does not carry it (`summary["identity"]`, tasks/evaluate/served.py)."""
+    from tasks.summary import stage_markdown
+
+    cfg = Config.model_validate(summary["config"])
+    p = cfg.pipeline
+    data_dir = Path(summary["stages"]["data"]["path"])
+    records = json.loads((data_dir / "test.json").read_text(encoding="utf-8"))
+    gguf = summary["served_gguf"]
+    if "identity" in summary:
+        identity = summary["identity"]
+    else:
+        identity = served.run_identity(cfg, gguf, data_dir)
+    card = model_card(p.name, summary | {"identity": identity}, *stage_markdown(summary))
+    return promote(
+        p.store,
+        p.name,
+        gguf,
+        summary["run_id"],
+        summary.get("evaluation") or {},
+        records[: p.promote_samples],
+        card,
+        max_tokens=cfg.evaluate.max_new_tokens,
+        scorer=scorer or partial(served.rouge_l, zh=cfg.evaluate.zh_segmentation),
+        floor=Floor.from_config(p),
+        identity=identity,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--summary", default="artifacts/runs/latest.json")
     args = parser.parse_args()
-    summary = json.loads(Path(args.summary).read_text())
-    cfg = summary["config"]
-    data_dir = Path(summary["stages"]["data"]["path"])
-    records = json.loads((data_dir / "test.json").read_text())
-    decision = promote(
-        cfg["pipeline"]["store"],
-        cfg["pipeline"]["name"],
-        summary["served_gguf"],
-        summary["run_id"],
-        summary.get("evaluation") or {},
-        records[: cfg["pipeline"]["promote_samples"]],
-        model_card(cfg["pipeline"]["name"], summary),
-        max_tokens=cfg["evaluate"]["max_new_tokens"],
-    )
+    decision = run(json.loads(Path(args.summary).read_text()))
     print(json.dumps(decision, indent=2))

@@ -6,57 +6,76 @@
                                the tokenizer and its chat template in the same folder
         hyperparameters.yaml   log_history.jsonl   loss.png   metrics.json
 
-`run` validates the config (before any weights load), tokenizes (tasks/train/tokens.py), writes
-a spec and starts the job in a subprocess: `python -m tasks.train --spec FILE`, or the same
-module under `torchrun` / `accelerate launch --config_file deploy/accelerate/<x>.yaml`.
-A subprocess can be killed when stuck and keeps an out-of-memory to itself; a job out of
-(GPU or CPU) memory exits with status 4 and the parent raises `OutOfMemory`, which the
-pipeline does not retry. The job works in the store's partial folder, so a killed job
-started again resumes from its checkpoints there (tasks/train/checkpoint.py).
+The stage runs as every heavy stage does (tasks/runner.py): `python -m tasks.train --spec
+FILE` with a stage spec (the train section, the data and base refs, the store). `run`
+validates the config (before any weights load), tokenizes (tasks/train/tokens.py), writes
+a job spec into the store's partial folder and starts the job with the runner's `launch`:
+`python -m tasks.train --spec <job spec>`, or the same module under `torchrun` /
+`accelerate launch --config_file deploy/accelerate/<x>.yaml`, tied to this process and
+killed at the stage's deadline. A job out of (GPU or CPU) memory exits with status 4 and
+leaves the runner's marker file, since the launchers exit 1 whatever their processes did;
+the stage raises `OutOfMemory`, which the pipeline does not retry. A killed job started
+again resumes from its checkpoints in the partial folder (tasks/train/checkpoint.py).
 
-Run alone: `python -m tasks.train --spec spec.json` (one job, no Prefect, no store), or
-`python -m tasks.train [--config FILE] [--set ...]` (data, base, then this stage).
+`--spec` takes either spec: a stage spec ({"stage": "train", ...}, what `llmft run` keeps
+in artifacts/runs/<run id>/specs/train.json) runs the stage; a job spec ({"train",
+"model_dir", "tokens_dir", "output_dir"}) runs one training process, no store, no Prefect.
 """
 
 from __future__ import annotations
 
-import argparse
-import ctypes
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from tasks.config import (
-    EXIT_OOM,
     REPO_ROOT,
     Config,
     ConfigError,
-    OutOfMemory,
     TrainConfig,
-    UserError,
     accelerate_config_path,
-    load_config,
-    machine_problems,
     train_problems,
 )
 from tasks.store import Ref, Store, make_key, write_json_atomic
 
-VERSION = "1"
+# the model, the adapter, the launch and what the weights are saved as; key() adds the
+# optional ones a setting switches on (bitsandbytes, deepspeed, liger-kernel)
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "safetensors")
 MIN_CONTENT_TOKENS = 16  # room a cutoff_len must leave beyond the template's own tokens
+# the config sections run() and key() read: what a stage spec carries (tasks/spec.py)
+SECTIONS = ("train",)
 
 
-class TrainingFailed(RuntimeError):
-    """The training subprocess exited with an error (its output says why)."""
+# Settings that cannot change the trained weights: how often the run logs (log_history.jsonl
+# and loss.png show it, the weights are the same), how often it checkpoints and how many
+# checkpoints it keeps (only a resume reads them). Every other train setting, launch ones
+# included (launcher, num_processes, nodes: the gradient is averaged over processes), enters
+# the key. Where the nodes meet (node_rank, master_addr, master_port) does not: every node
+# and every retry, on whichever hosts it lands, must find the same partial folder.
+NOT_IN_KEY = {"logging_steps", "save_steps", "save_total_limit"}
+NOT_IN_KEY |= {"node_rank", "master_addr", "master_port"}
 
 
 def key(cfg: Config, data: Ref, base: Ref) -> str:
-    return make_key(
-        "train", VERSION, cfg.train.model_dump(mode="json"), {"data": data.key, "base": base.key}
-    )
+    from tasks.train import budget
+    from tasks.versions import file_hashes, launch_files, version
+
+    # 'auto' epochs enter as the number that is trained (tasks/train/budget.py)
+    t = budget.resolve(cfg.train, budget.train_records(data)).train
+    # the launch files enter by contents (below), never by the name or path that finds them
+    section = t.model_dump(mode="json", exclude=NOT_IN_KEY | {"accelerate_config"})
+    launch = launch_files(t)
+    libraries = list(LIBRARIES)
+    if t.method == "qlora":
+        libraries.append("bitsandbytes")
+    if t.liger is not False:
+        libraries.append("liger-kernel")
+    if len(launch) > 1:  # the accelerate config names a DeepSpeed config
+        libraries.append("deepspeed")
+    inputs = {"data": data.key, "base": base.key, "launch_files": file_hashes(launch)}
+    return make_key("train", version("tasks.train", libraries), section, inputs)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -71,7 +90,9 @@ def validate(cfg: Config, model_dir: Path) -> None:
     template's length), config.json and the weights' names (read from the safetensors
     headers). Loads no weights.
     """
-    from tasks import formatting, methods
+    from tasks import formatting
+    from tasks.machine import machine_problems
+    from tasks.train import methods
     from tasks.train.tokens import load_tokenizer
 
     t = cfg.train
@@ -106,49 +127,28 @@ def validate(cfg: Config, model_dir: Path) -> None:
 
 
 def launch_command(cfg: Config, spec_path: Path) -> list[str]:
+    from tasks.train import nodes  # several hosts: rank and rendezvous (tasks/train/nodes.py)
+
     t = cfg.train
     job = ["-m", "tasks.train", "--spec", str(spec_path)]
     if t.launcher == "torchrun":
-        return [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={t.num_processes}", *job,
-        ]  # fmt: skip
+        return [sys.executable, "-m", "torch.distributed.run", *nodes.torchrun_args(t), *job]
     if t.launcher == "accelerate":
         cmd = [sys.executable, "-m", "accelerate.commands.launch"]
         if t.accelerate_config:
             cmd += ["--config_file", str(accelerate_config_path(t.accelerate_config))]
-        return [*cmd, "--num_processes", str(t.num_processes), *job]
+        return [*cmd, *nodes.accelerate_args(t), *job]
     return [sys.executable, *job]
-
-
-# Linux: a job dies with whoever started it (no orphaned GPU job after a SIGKILLed worker).
-# The launcher is started through this trampoline, which asks the kernel for SIGKILL when its
-# parent dies (PR_SET_PDEATHSIG = 1; it survives exec), then becomes the launcher; each
-# training process does the same towards the launcher (env TIED).
-TIED = "LLMFT_DIE_WITH_PARENT"
-_TRAMPOLINE = (
-    "import ctypes, os, signal, sys;"
-    "ctypes.CDLL(None).prctl(1, signal.SIGKILL);"
-    "os.getppid() == int(sys.argv[1]) or sys.exit('parent already gone');"
-    "os.execv(sys.argv[2], sys.argv[2:])"
-)
-
-
-def _tied(cmd: list[str]) -> list[str]:
-    if not sys.platform.startswith("linux"):
-        return cmd
-    return [sys.executable, "-c", _TRAMPOLINE, str(os.getpid()), *cmd]
-
-
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux") and os.environ.get(TIED) == "1":
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
 
 
 def run(cfg: Config, store: Store, data: Ref, base: Ref) -> Ref:
     from tasks import base as base_stage
-    from tasks.train import tokens
+    from tasks import runner
+    from tasks.train import budget, tokens
 
+    chosen = budget.resolve(cfg.train, budget.train_records(data))
+    print(chosen.line, flush=True)
+    cfg = cfg.model_copy(update={"train": chosen.train})  # spec and manifest: the numbers
     model_dir = base_stage.model_dir(base)
     k = key(cfg, data, base)
     if hit := store.lookup("train", k):
@@ -163,31 +163,22 @@ def run(cfg: Config, store: Store, data: Ref, base: Ref) -> Ref:
         spec = Spec(cfg.train, model_dir, tokenized.dir, tmp, inputs)
         spec_path = tmp / "checkpoints" / "spec.json"
         write_json_atomic(spec_path, spec.to_json())
-        paths = [str(REPO_ROOT), os.environ.get("PYTHONPATH")]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), TIED: "1"}
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        env.setdefault("HF_HUB_OFFLINE", "1")
         cmd = launch_command(cfg, spec_path)
-        oom = oom_marker(spec_path)
-        oom.unlink(missing_ok=True)  # from an earlier attempt in this partial folder
-        done = subprocess.run(_tied(cmd), cwd=REPO_ROOT, env=env)
-        if done.returncode == EXIT_OOM or oom.is_file():
-            raise OutOfMemory(oom_message(cfg.train, oom))
-        if done.returncode != 0:
-            raise TrainingFailed(
-                f"training exited with status {done.returncode} ({' '.join(cmd)}); its "
-                f"checkpoints stay in {tmp / 'checkpoints'} and a new run resumes from them"
+        marker = runner.oom_marker(spec_path)
+        exited = runner.launch(cmd, name="training", cwd=REPO_ROOT, oom_marker=marker)
+        if exited.out_of_memory:
+            raise runner.OutOfMemory(oom_message(cfg.train, marker))
+        if exited.status != 0:
+            raise runner.StageFailed(
+                f"training exited with status {exited.status} ({' '.join(cmd)}); its "
+                f"checkpoints stay in {tmp / 'checkpoints'} and a new run resumes from them\n"
+                + "\n".join(exited.tail)
             )
-        return {"metrics": json.loads((tmp / "metrics.json").read_text())}
+        metrics = json.loads((tmp / "metrics.json").read_text())
+        return {"metrics": metrics, "budget": chosen.to_json()}
 
     config = cfg.train.model_dump(mode="json")
     return store.build("train", k, work, inputs=inputs, config=config, resume=True)
-
-
-# torchrun and accelerate launch exit 1 whatever their processes exited with, so a process
-# that runs out of memory also leaves this file (its error) beside the spec.
-def oom_marker(spec_path: Path) -> Path:
-    return spec_path.with_name("out_of_memory.txt")
 
 
 def oom_message(t: TrainConfig, marker: Path) -> str:
@@ -217,35 +208,36 @@ def train_job_exit(spec_path: str) -> int:
     """One training job (the child process); its exit status tells the parent what happened."""
     import torch
 
+    from tasks import runner
     from tasks.train.loop import Spec, train_job
 
     try:
         metrics = train_job(Spec.load(spec_path))
     except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
         error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        oom_marker(Path(spec_path)).write_text(error + "\n")
+        # torchrun and accelerate exit 1 whatever this process does: the marker tells
+        runner.oom_marker(Path(spec_path)).write_text(error + "\n")
         print(f"out of memory: {error}", file=sys.stderr)
-        return EXIT_OOM
+        return runner.EXIT_OOM
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(metrics, indent=2))
     return 0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", help="run one training job from this spec (no store)")
-    parser.add_argument("--config")
-    parser.add_argument("--set", action="append", default=[])
-    args = parser.parse_args()
-    if args.spec:
-        _die_with_parent()
-        sys.exit(train_job_exit(args.spec))
-    from tasks import base as base_stage
-    from tasks import data as data_stage
+def main(argv: list[str] | None = None) -> int:
+    from tasks import runner
 
-    cfg = load_config(args.config, args.set, for_training=True)  # before base loads weights
-    store = Store(cfg.pipeline.store)
-    base = base_stage.run(cfg, store)
-    data = data_stage.run(cfg, store, base_stage.model_dir(base))
-    ref = run(cfg, store, data, base)
-    print(ref.path)
+    args = runner.spec_parser("train", __doc__).parse_args(argv)
+    if args.spec and _is_job_spec(Path(args.spec)):
+        runner.die_with_parent()  # a job under a launcher: it goes when the launcher goes
+        return train_job_exit(args.spec)
+    return runner.stage_main("train", args.spec, args.out)
+
+
+def _is_job_spec(path: Path) -> bool:
+    """A job spec (tasks/train/loop.py `Spec`) rather than a stage spec (tasks/spec.py)."""
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # the stage's spec reader says what is wrong with it
+        return False
+    return isinstance(spec, dict) and "stage" not in spec and "output_dir" in spec

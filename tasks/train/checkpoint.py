@@ -7,14 +7,14 @@
         scheduler.pt            learning-rate schedule position
         scaler.pt               fp16 loss scale (fp16 only)
         rng-<rank>.pt           python, numpy, torch and CUDA generators of each process
-        state.json              step, tokens, seconds, log history, dev loss before
+        state.json              step, tokens, step/eval/save seconds, log history, dev loss before
     (DeepSpeed: accelerate's save_state folder instead of the first four files, since
     ZeRO partitions the optimizer over the processes.)
 
 Every process writes into `.tmp-step-N`; after a barrier the main process renames it to
 `step-N`. A folder named `step-N` is therefore complete: a job killed while writing leaves
 only a `.tmp-…` folder, which the next save or resume ignores. The data position needs no
-file of its own: the order is a function of the seed and the step (tasks/train/loop.py).
+file of its own: the order is a function of the seed and the step (tasks/train/batches.py).
 """
 
 from __future__ import annotations
@@ -111,7 +111,11 @@ def fresh_state() -> dict[str, Any]:
     return {
         "step": 0,
         "tokens": 0,
-        "train_seconds": 0.0,
+        # where the training time went (tasks/train/steps.py `Clock`)
+        "step_seconds": 0.0,
+        "eval_seconds": 0.0,
+        "save_seconds": 0.0,
+        "train_wall_seconds": 0.0,
         "dev_loss_before": None,
         "log_history": [],
         "resumed_from_step": None,
@@ -127,7 +131,7 @@ def resume(job: Any) -> dict[str, Any]:
     if not found:
         return fresh_state()
     folder, acc = found[-1], job.accelerator
-    state = json.loads((folder / "state.json").read_text())
+    state = fresh_state() | json.loads((folder / "state.json").read_text())
     if job.info["deepspeed"]:
         acc.load_state(str(folder))
     else:

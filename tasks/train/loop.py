@@ -2,15 +2,10 @@
 
 `python -m tasks.train --spec spec.json` calls `train_job(spec)`; under `torchrun` or
 `accelerate launch` every process runs it, and accelerate's `Accelerator` supplies DDP or
-DeepSpeed. The loop is plain PyTorch so that every step is in view:
-
-    one optimizer step = batch_size × grad_accum records per process, in grad_accum
-    micro-batches of batch_size records (padded rows, or one packed row with packing)
-    loss = Σ token cross-entropy / (label tokens of the step over all processes)
-
-The loss is a token mean over the whole step, not a mean of micro-batch means, so
-grad_accum and the number of processes change the speed and never the maths. Which
-records a step takes, and how they become tensors: tasks/train/batches.py.
+DeepSpeed. The loop is plain PyTorch so that every step is in view: the steps and the
+clock that times them are tasks/train/steps.py; which records a step takes, and how they
+become tensors and a loss (one path, CPU and GPU): tasks/train/batches.py; the kernels
+the plan switches on: tasks/train/fastpath.py.
 """
 
 from __future__ import annotations
@@ -24,17 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.train.batches import (
-    epoch_order,  # noqa: F401  (bench/train_gpu.py reads the order from here)
-    label_tokens,
-    loss_sum,
-    micro_batches,
-    micro_loss,
-    step_indices,
-    to_device,
-)
 from tasks.config import TrainConfig
-from tasks.formatting import pad_batch
 
 COMPUTE_DTYPES = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -87,35 +72,6 @@ def resolve_precision(cfg: TrainConfig, device: str) -> str:
             return "no"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no" if cfg.precision == "fp32" else cfg.precision
-
-
-def dev_loss(job: Job) -> float | None:
-    """Token-mean loss over the dev rows (sharded over processes), or None without rows."""
-    import torch
-
-    acc = job.accelerator
-    if not job.dev_rows:
-        return None
-    mine = sorted(
-        job.dev_rows[acc.process_index :: acc.num_processes], key=lambda r: len(r["input_ids"])
-    )
-    size = job.cfg.batch_size
-    # the same number of forwards on every process: under ZeRO-3 each one gathers weights
-    # from all of them, so a process that stopped early would leave the others waiting
-    batches = math.ceil(math.ceil(len(job.dev_rows) / acc.num_processes) / size)
-    totals = torch.zeros(2, dtype=torch.float64, device=acc.device)
-    job.model.eval()
-    with torch.no_grad():
-        for i in range(batches):
-            rows = mine[i * size : (i + 1) * size]
-            batch = to_device(pad_batch(rows or job.dev_rows[:1], job.pad_id), acc.device)
-            loss = loss_sum(job.model, batch).double()
-            if rows:  # a stand-in batch keeps step with the others and counts for nothing
-                totals[0] += loss
-                totals[1] += label_tokens(batch)
-    job.model.train()
-    totals = acc.reduce(totals, reduction="sum")
-    return float(totals[0] / totals[1]) if totals[1] > 0 else None
 
 
 def drop_tied_copies(model: Any, weights: dict[str, Any]) -> None:
@@ -192,21 +148,30 @@ class Job:
     total_steps: int
     steps_per_epoch: int
     info: dict[str, Any]
-    plan: Any = None  # tasks.train.fastpath.Plan on a GPU
+    plan: Any  # tasks.train.fastpath.Plan: the kernels the batch path calls
     state: dict[str, Any] = field(default_factory=dict)
+    objective: Any = None  # tasks.train.preference.Objective for dpo/orpo/simpo, else None
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
     @functools.cached_property
+    def record_lengths(self) -> tuple[int, ...]:
+        """Tokens of each train record: a step's tokens are counted from these."""
+        import pyarrow.compute as pc
+
+        lengths = pc.list_value_length(self.rows.column("input_ids"))
+        if "rejected_input_ids" in self.rows.column_names:  # a pair trains on both answers
+            lengths = pc.add(lengths, pc.list_value_length(self.rows.column("rejected_input_ids")))
+        return tuple(lengths.to_pylist())
+
+    @property
     def lengths(self) -> tuple[int, ...] | None:
         """Record lengths for group_by_length (packed rows have no padding to save)."""
         if not self.cfg.group_by_length or self.cfg.packing:
             return None
-        import pyarrow.compute as pc
-
-        return tuple(pc.list_value_length(self.rows.column("input_ids")).to_pylist())
+        return self.record_lengths
 
 
 def setup(spec: Spec) -> Job:
@@ -215,7 +180,7 @@ def setup(spec: Spec) -> Job:
     from accelerate.utils import DistributedType, set_seed
     from transformers import get_scheduler
 
-    from tasks.train import methods
+    from tasks.train import batches, fastpath, methods
     from tasks.train.tokens import load_tokenizer, read_table
 
     cfg = spec.train
@@ -230,6 +195,10 @@ def setup(spec: Spec) -> Job:
     tokenizer = load_tokenizer(spec.model_dir)
     rows = read_table(spec.tokens_dir, "train")
     dev_rows = read_table(spec.tokens_dir, "dev").to_pylist()
+    if cfg.num_epochs == "auto":  # a spec not written by tasks.train.run: sized as it would
+        from tasks.train import budget
+
+        cfg = spec.train = budget.resolve(cfg, rows.num_rows).train
     per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
     steps_per_epoch = math.ceil(rows.num_rows / per_step)
     total_steps = cfg.max_steps or math.ceil(cfg.num_epochs * steps_per_epoch)
@@ -251,15 +220,10 @@ def setup(spec: Spec) -> Job:
         {"params": [p for p in params if not is_matrix(p)], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]  # DeepSpeed drops an empty group
-    plan = None
-    if device == "cuda":  # GPU levers (packing rows, fused LoRA and loss, Liger): tasks/train/fastpath.py
-        from tasks.train import fastpath
-
-        plan = fastpath.prepare(model, cfg, acc.device, deepspeed)
+    # the kernels the batch path calls (varlen attention, fused LoRA and loss, Liger)
+    plan = fastpath.prepare(model, cfg, acc.device, deepspeed)
     # fused: one kernel for all tensors on the GPU; DeepSpeed may step on the CPU instead
-    optimizer = torch.optim.AdamW(
-        groups, lr=cfg.learning_rate, fused=device == "cuda" and not deepspeed
-    )
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=plan.fused_adamw)
     scheduler = get_scheduler(
         "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler,
         optimizer,
@@ -273,6 +237,7 @@ def setup(spec: Spec) -> Job:
         ds["gradient_clipping"] = cfg.max_grad_norm
     # the scheduler stays unprepared: accelerate would step it once per process
     model, optimizer = acc.prepare(model, optimizer)
+    batches.check_packing(model, plan, acc.device)  # before a step mixes records
     if cfg.compile:
         model = torch.compile(model)
     info = {
@@ -286,117 +251,17 @@ def setup(spec: Spec) -> Job:
         "dev_rows": len(dev_rows),
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
-        "fast_path": None if plan is None else plan.describe(),
+        "fast_path": plan.describe(),
     }
-    return Job(
+    job = Job(
         spec, cfg, acc, model, optimizer, scheduler, params, tokenizer, rows, dev_rows,
         total_steps, steps_per_epoch, info, plan,
     )  # fmt: skip
+    if cfg.objective != "sft":
+        from tasks.train.preference import Objective
 
-
-# ----------------------------------------------------------------------------- train
-
-
-class Log:
-    """log_history.jsonl: one JSON line per logging step and per dev evaluation."""
-
-    def __init__(self, job: Job) -> None:
-        self.job = job
-        self.path = job.spec.output_dir / "log_history.jsonl"
-        self.history: list[dict] = job.state["log_history"]
-        if job.accelerator.is_main_process:  # a resumed job rewrites what its checkpoint saw
-            self.path.write_text("".join(json.dumps(h) + "\n" for h in self.history))
-
-    def __call__(self, step: int, entry: dict[str, Any]) -> dict[str, Any]:
-        job = self.job
-        epoch = round(step / job.steps_per_epoch, 4)
-        entry = {"step": step, "epoch": epoch, "max_steps": job.total_steps} | entry
-        self.history.append(entry)
-        if job.accelerator.is_main_process:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(entry) + "\n")
-        return entry
-
-
-def train_steps(job: Job, log: Log) -> None:
-    import torch
-    from tqdm import tqdm
-
-    from tasks.train import checkpoint
-
-    acc, cfg, state = job.accelerator, job.cfg, job.state
-    rank, world = acc.process_index, acc.num_processes
-    step = state["step"]
-    if step == 0 and state["dev_loss_before"] is None:
-        state["dev_loss_before"] = dev_loss(job)
-        log(0, {"dev_loss": state["dev_loss_before"]})
-
-    def batches_for(step: int) -> list[tuple[dict[str, Any], int, int]]:
-        indices = step_indices(job.rows.num_rows, step, cfg, rank, world, job.lengths)
-        records = job.rows.take(indices).to_pylist()
-        return micro_batches(records, cfg, job.plan, job.pad_id, acc.device)
-
-    job.model.train()
-    bar = tqdm(total=job.total_steps, initial=step, disable=not acc.is_main_process, unit="step")
-    window = torch.zeros(2, dtype=torch.float64, device=acc.device)  # Σ step losses, tokens
-    window_steps, window_started = 0, time.time()
-    upcoming = batches_for(step) if step < job.total_steps else []
-    while step < job.total_steps:
-        micro = upcoming
-        # a fill, not torch.tensor(x, device=...): that copies from pageable memory and
-        # makes the host wait for the GPU at the start of every step
-        labels = torch.full((), float(sum(m[1] for m in micro)), device=acc.device)
-        labels = (acc.reduce(labels, reduction="sum") if world > 1 else labels).clamp(min=1)
-        if not job.info["deepspeed"]:  # the fast path may form more or fewer micro-batches
-            acc.gradient_accumulation_steps = len(micro)
-        acc.step = 0  # accumulate() syncs gradients on this step's last micro-batch
-        for batch, _, tokens in micro:
-            with acc.accumulate(job.model):
-                loss = micro_loss(job.model, batch, job.plan)
-                # backward divides by the micro-batch count and DDP averages over processes:
-                # undo both, so the gradient is that of the step's token mean
-                acc.backward(loss / labels * (world * acc.gradient_accumulation_steps))
-            window[0] += loss.detach().double() / labels
-            window[1] += tokens
-        grad_norm = acc.clip_grad_norm_(job.params, cfg.max_grad_norm)
-        job.optimizer.step()
-        if not acc.optimizer_step_was_skipped:  # fp16 overflow: the step did not happen
-            job.scheduler.step()
-        job.optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_steps += 1
-        # the next step's rows are packed and queued while the GPU still works on this
-        # one, before logging below waits for it
-        upcoming = batches_for(step) if step < job.total_steps else []
-        bar.update(1)
-
-        if step % cfg.logging_steps == 0 or step == job.total_steps:
-            sums = acc.reduce(window, reduction="sum") if world > 1 else window
-            seconds = time.time() - window_started
-            state["train_seconds"] += seconds
-            state["tokens"] += int(sums[1])
-            entry = log(
-                step,
-                {
-                    "loss": round(float(sums[0]) / window_steps, 5),
-                    "lr": job.scheduler.get_last_lr()[0],
-                    "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
-                    "tokens": state["tokens"],
-                    "tokens_per_second": round(float(sums[1]) / max(seconds, 1e-9), 1),
-                },
-            )
-            bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_second']:.0f}")
-            window.zero_()
-            window_steps, window_started = 0, time.time()
-        if cfg.eval_steps and step % cfg.eval_steps == 0 and step < job.total_steps:
-            log(step, {"dev_loss": dev_loss(job)})
-            window_started = time.time()
-        if step % cfg.save_steps == 0 and step < job.total_steps:
-            state["step"] = step
-            checkpoint.save(job)
-            window_started = time.time()
-    bar.close()
-    state["step"] = step
+        job.objective = Objective(job)
+    return job
 
 
 # ----------------------------------------------------------------------------- the job
@@ -405,7 +270,7 @@ def train_steps(job: Job, log: Log) -> None:
 def train_job(spec: Spec) -> dict[str, Any]:
     import torch
 
-    from tasks.train import checkpoint, methods, report
+    from tasks.train import checkpoint, early_stop, methods, report, steps
 
     started = time.time()
     job = setup(spec)
@@ -415,11 +280,21 @@ def train_job(spec: Spec) -> dict[str, Any]:
     # longer walked by every full collection (tens of ms each) the training steps trigger
     gc.collect()
     gc.freeze()
-    log = Log(job)
-    train_steps(job, log)
+    log = steps.Log(job)
+    preference: dict[str, Any] = {}
+    if job.objective:  # before the first update: DPO's reference and the held-out start
+        job.objective.take_reference(spec.output_dir / "checkpoints")
+        fresh = job.state["step"] == 0
+        dev_ref = job.objective.dev_reference() if fresh else None
+        preference["before"] = job.objective.held_out() if fresh else None
+    clock = steps.Clock(job.state, acc.device)  # the reference pass is not training time
+    steps.train_steps(job, log, clock)
+    if job.objective:
+        preference["after"] = job.objective.held_out(dev_ref)
+        preference |= {"objective": job.cfg.objective, "beta": job.objective.beta}
 
-    after = dev_loss(job)
-    log(job.state["step"], {"dev_loss": after})
+    after = steps.evaluate(job, log, clock, job.state["step"])
+    after = early_stop.keep_best(job, after)  # the best evaluation's weights, if patience set
     folder = spec.output_dir / methods.output_folder(job.cfg.method)
     weights = acc.get_state_dict(job.model)  # gathers ZeRO-3 shards: every process calls it
     if acc.is_main_process:
@@ -428,6 +303,7 @@ def train_job(spec: Spec) -> dict[str, Any]:
             folder, state_dict=weights, safe_serialization=True
         )
         job.tokenizer.save_pretrained(folder)
+    log(job.state["step"], {"save_seconds": round(clock.lap("save"), 4)})
     state, history = job.state, job.state["log_history"]
     train_losses = [h["loss"] for h in history if "loss" in h]
     peak = torch.cuda.max_memory_allocated() / 2**30 if job.info["device"] == "cuda" else None
@@ -437,14 +313,20 @@ def train_job(spec: Spec) -> dict[str, Any]:
         "train_loss": train_losses[-1] if train_losses else None,
         "steps": state["step"],
         "trained_tokens": state["tokens"],
-        "tokens_per_second": round(state["tokens"] / max(state["train_seconds"], 1e-9), 1),
-        "seconds": round(state["train_seconds"], 2),
-        "wall_seconds": round(time.time() - started, 2),
+        # the steps' tokens over the steps' time: evaluating and saving are counted apart
+        "tokens_per_second": round(state["tokens"] / max(state["step_seconds"], 1e-9), 1),
+        "step_seconds": round(state["step_seconds"], 2),
+        "eval_seconds": round(state["eval_seconds"], 2),
+        "save_seconds": round(state["save_seconds"], 2),
+        "train_wall_seconds": round(state["train_wall_seconds"], 2),  # the three, end to end
+        "wall_seconds": round(time.time() - started, 2),  # the job's, setup included
         "cpu_seconds": round(time.process_time(), 1),  # this process, all threads, since start
         "peak_gpu_memory_gib": None if peak is None else round(peak, 3),
         "resumed_from_step": state["resumed_from_step"],
     } | {k: job.info[k] for k in ("device", "precision", "processes", "deepspeed", "fast_path")}
     metrics |= {k: job.info[k] for k in ("trainable_parameters", "total_parameters")}
+    if preference:
+        metrics["preference"] = preference
     if acc.is_main_process:
         report.write_outputs(spec, metrics, history, job.info)
     acc.wait_for_everyone()

@@ -41,9 +41,11 @@ def pair_batches(
     token_budget: int,
     packing: bool,
     pad_id: int,
+    ids: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Pairs → micro-batches of whole pairs, ≤ token_budget tokens where they fit; the
-    records of a micro-batch are [chosen₀, rejected₀, chosen₁, rejected₁, …]."""
+    records of a micro-batch are [chosen₀, rejected₀, chosen₁, rejected₁, …]. `pair_index`
+    names each pair by `ids` (its row in the split), or by its place in `pairs`."""
     lengths = [len(c["input_ids"]) + len(r["input_ids"]) for c, r in pairs]
     if packing:
         groups = plan_microbatches(lengths, token_budget)
@@ -58,7 +60,8 @@ def pair_batches(
         batch["answer_tokens"] = torch.tensor(
             [sum(label != IGNORE for label in r["labels"][1:]) for r in records]
         )
-        batch["pair_index"] = torch.tensor(group)
+        batch["pair_index"] = torch.tensor([ids[i] for i in group] if ids else group)
+        batch["num_pairs"] = len(group)
         batches.append(batch)
     return batches
 
@@ -181,3 +184,123 @@ def evaluate_pairs(
         stats.append(s)
     model.train(was_training)
     return summarize(stats)
+
+
+def row_pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Rows of the tokenizer stage's table (chosen in input_ids/labels, the rejected answer
+    in rejected_input_ids/rejected_labels) → pairs of records."""
+    return [
+        (
+            {"input_ids": r["input_ids"], "labels": r["labels"]},
+            {"input_ids": r["rejected_input_ids"], "labels": r["rejected_labels"]},
+        )
+        for r in rows
+    ]
+
+
+REFERENCE_FILE = "reference_logps.safetensors"
+CHUNK_PAIRS = 64  # pairs per no-grad pass when taking the reference log-probs
+
+
+class Objective:
+    """A preference job's loss: DPO, ORPO or SimPO on whole pairs, the reference
+    log-probs of DPO, and the reward statistics of the current logging window."""
+
+    def __init__(self, job: Any) -> None:
+        self.job = job
+        self.method = job.cfg.objective
+        self.settings = job.cfg.preference
+        self.beta = self.settings.strength(self.method)
+        self.ref: torch.Tensor | None = None
+        self.window: list[dict[str, torch.Tensor]] = []
+
+    def batches(self, rows: list[dict[str, Any]], ids: Sequence[int]) -> list[dict[str, Any]]:
+        job = self.job
+        micro = pair_batches(row_pairs(rows), job.plan.token_budget, job.plan.packing,
+                             job.pad_id, ids)  # fmt: skip
+        return [to_device(mb, job.accelerator.device) for mb in micro]
+
+    def take_reference(self, folder: Any) -> None:
+        """DPO's reference: the starting model's log-probs of every train pair, taken once
+        before the first update and kept beside the checkpoints, so a resumed job (whose
+        model has moved) reads them instead of taking them again."""
+        if self.method != "dpo":
+            return
+        from safetensors.torch import load_file, save_file
+
+        path = folder / REFERENCE_FILE
+        if path.is_file():
+            self.ref = load_file(str(path))["logps"]
+            return
+        job = self.job
+        n = job.rows.num_rows
+        self.ref = torch.zeros(n, 2)
+        for start in range(0, n, CHUNK_PAIRS):
+            ids = list(range(start, min(start + CHUNK_PAIRS, n)))
+            rows = job.rows.take(ids).to_pylist()
+            micro = pair_batches(row_pairs(rows), job.plan.token_budget, job.plan.packing,
+                                 job.pad_id, ids)  # fmt: skip
+            part = reference_logps(job.model, micro, job.plan, job.accelerator.device, n)
+            self.ref[ids] = part[ids]
+        if job.accelerator.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file({"logps": self.ref.contiguous()}, str(path))
+
+    def loss_sum(self, model: Any, batch: dict[str, Any], plan: Any) -> torch.Tensor:
+        """Summed pair losses of one micro-batch (the step divides by its pairs)."""
+        logps = sequence_logps(model, batch, plan)
+        ref = None
+        if self.ref is not None:
+            ref = self.ref[batch["pair_index"].cpu()].to(logps).flatten()
+        losses, stats = pair_loss(
+            self.method, logps, batch["answer_tokens"].to(logps.device), ref, self.beta,
+            self.settings.orpo_lambda, self.settings.simpo_gamma,
+        )  # fmt: skip
+        self.window.append(stats)
+        return losses.sum()
+
+    def window_stats(self) -> dict[str, float]:
+        """The logging window's rewards (this process's pairs), then a new window."""
+        stats, self.window = summarize(self.window), []
+        stats.pop("pairs", None)
+        return stats
+
+    def dev_batches(self) -> list[dict[str, Any]]:
+        job = self.job
+        rows = job.dev_rows
+        return (
+            pair_batches(row_pairs(rows), job.plan.token_budget, job.plan.packing, job.pad_id)
+            if rows
+            else []
+        )
+
+    def held_out(self, dev_ref: torch.Tensor | None = None) -> dict[str, float]:
+        """Held-out pairs ranked by mean token log-prob (chosen above rejected): the
+        implicit reward every model has, so base, SFT and tuned models compare; with
+        `dev_ref` (the starting model's log-probs), DPO's own rewards too."""
+        job, micro = self.job, self.dev_batches()
+        if not micro:
+            return {}
+        device = job.accelerator.device
+        implicit = evaluate_pairs(job.model, micro, job.plan, device, "simpo", 1.0)
+        out = {
+            "ranking_accuracy": implicit["reward_accuracy"],  # mean logp: chosen > rejected
+            "mean_logp_margin": implicit["reward_margin"],
+            "logp_chosen": implicit["logp_chosen"],
+            "logp_rejected": implicit["logp_rejected"],
+            "pairs": implicit["pairs"],
+        }
+        if dev_ref is not None and self.method == "dpo":
+            dpo = evaluate_pairs(job.model, micro, job.plan, device, "dpo", self.beta, dev_ref)
+            out |= {k: v for k, v in dpo.items() if k.startswith("reward")}
+        return out
+
+    def dev_reference(self) -> torch.Tensor | None:
+        """The starting model's log-probs of the dev pairs (DPO's held-out reference)."""
+        micro = self.dev_batches()
+        if self.method != "dpo" or not micro:
+            return None
+        job = self.job
+        return reference_logps(
+            job.model, micro, job.plan, job.accelerator.device, len(job.dev_rows)
+        )

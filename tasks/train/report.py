@@ -3,9 +3,10 @@
 hyperparameters.yaml   the method, every train setting, the inputs' keys, what was resolved
                        at run time (device, precision, processes, steps)
 metrics.json           {method, dev_loss {before, after}, train_loss, steps,
-                        trained_tokens, tokens_per_second, seconds, ...}
+                        trained_tokens, tokens_per_second (over step_seconds),
+                        step_seconds, eval_seconds, save_seconds, train_wall_seconds, ...}
 loss.png               train loss per logging step and dev loss, against the step
-log_history.jsonl      (written while training, by tasks/train/loop.py)
+log_history.jsonl      (written while training, by tasks/train/steps.py)
 """
 
 from __future__ import annotations

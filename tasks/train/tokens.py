@@ -9,7 +9,8 @@ The key covers the data key, the tokenizer's files (their bytes) and the setting
 change the tokens (template, cutoff_len, train_on_prompt). Packing is not one of them: it
 happens when batches are formed, so packed and padded runs share this artifact.
 
-Run alone: `python -m tasks.train.tokens [--config FILE] [--set ...]` (runs data and base first).
+Run alone: `python -m tasks.train.tokens --spec FILE`, FILE a train stage spec (tasks/spec.py):
+the tokens of its data for its base and train section; prints report.json.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tasks.config import Config, UserError, load_config
+from tasks.config import Config, UserError
 from tasks.formatting import IGNORE, encode, resolve_template
 from tasks.store import Ref, Store, hash_file, make_key, write_json_atomic
 
-VERSION = "1"
+# the tokenizer, the chat template it renders (jinja2) and the Arrow tables written
+LIBRARIES = ("transformers", "tokenizers", "jinja2", "pyarrow")
 SPLITS = ("train", "dev")
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -53,12 +55,15 @@ def settings(cfg: Config) -> dict[str, Any]:
         "template": t.template,
         "cutoff_len": t.cutoff_len,
         "train_on_prompt": t.train_on_prompt,
+        "pairs": t.objective != "sft",  # preference pairs: the rejected answers too
     }
 
 
 def key(cfg: Config, data: Ref, base: Ref) -> str:
-    tokenizer = tokenizer_hashes(base.dir / "model")
-    return make_key("tokens", VERSION, settings(cfg), {"data": data.key, "tokenizer": tokenizer})
+    from tasks.versions import version
+
+    inputs = {"data": data.key, "tokenizer": tokenizer_hashes(base.dir / "model")}
+    return make_key("tokens", version("tasks.train.tokens", LIBRARIES), settings(cfg), inputs)
 
 
 def load_tokenizer(model_dir: Path) -> Any:
@@ -78,11 +83,26 @@ def tokenize_split(
     tokenizer: Any, records: list[dict], cfg: Config, split: str
 ) -> tuple[dict[str, list], dict[str, int]]:
     t = cfg.train
+    pairs = t.objective != "sft"
     columns: dict[str, list] = {"input_ids": [], "labels": []}
+    if pairs:  # the chosen answer in input_ids/labels, the rejected one beside it
+        columns |= {"rejected_input_ids": [], "rejected_labels": []}
     counts = {"records": len(records), "kept": 0, "truncated": 0, "dropped": 0}
-    counts |= {"tokens": 0, "label_tokens": 0}
+    counts |= {"tokens": 0, "label_tokens": 0} | ({"not_a_pair": 0} if pairs else {})
     for record in records:
+        if pairs and record.get("rejected") is None:
+            counts["not_a_pair"] += 1
+            continue
         enc = encode(tokenizer, record, t.template, t.cutoff_len, t.train_on_prompt)
+        if pairs and enc is not None:
+            other = {**record, "output": record["rejected"]}
+            rejected = encode(tokenizer, other, t.template, t.cutoff_len, t.train_on_prompt)
+            if rejected is None:
+                enc = None
+            else:
+                columns["rejected_input_ids"].append(rejected.input_ids)
+                columns["rejected_labels"].append(rejected.labels)
+                counts["tokens"] += len(rejected.input_ids)
         if enc is None:
             counts["dropped"] += 1
             continue
@@ -92,6 +112,12 @@ def tokenize_split(
         counts["truncated"] += enc.truncated
         counts["tokens"] += len(enc.input_ids)
         counts["label_tokens"] += sum(1 for x in enc.labels[1:] if x != IGNORE)
+    if pairs and split == "train" and not counts["kept"]:
+        raise TokenizeError(
+            f"train.objective={t.objective} needs preference pairs (records with chosen and "
+            f"rejected answers; docs/preference.md), and the train split has none "
+            f"(fix: --set data.input=datasets_raw/preference, or train.objective=sft)"
+        )
     if records and not counts["kept"]:
         raise TokenizeError(
             f"{split}: every record's prompt is at least train.cutoff_len={t.cutoff_len} "
@@ -145,18 +171,14 @@ def run(cfg: Config, store: Store, data: Ref, base: Ref) -> Ref:
 
 
 def main() -> None:
-    from tasks import base as base_stage
-    from tasks import data as data_stage
+    from tasks.spec import read_spec
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config")
-    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--spec", required=True, help="a train stage spec (its data and base)")
     args = parser.parse_args()
-    cfg = load_config(args.config, args.set)
-    store = Store(cfg.pipeline.store)
-    base = base_stage.run(cfg, store)
-    data = data_stage.run(cfg, store, base.dir / "model")
-    ref = run(cfg, store, data, base)
+    cfg, spec = read_spec(args.spec, "train")
+    data, base = (Ref(**spec["inputs"][name]) for name in ("data", "base"))
+    ref = run(cfg, Store(spec["store"]), data, base)
     print(json.dumps(json.loads((ref.dir / "report.json").read_text()), indent=2))
 
 
