@@ -8,7 +8,7 @@ so an early stop cannot flatter anyone). Each engine runs in its own subprocess,
 peak RSS is its own, `--rounds` times interleaved with the others; its best round counts.
 Decoding one token reads every weight once, so generated tokens/s cannot beat
 `copy bandwidth / model bytes`; the table shows that bound and how close each engine
-gets. `--export` defaults to the newest export in artifacts/ (or the test store).
+gets. `--export` defaults to the newest export in artifacts/.
 """
 
 from __future__ import annotations
@@ -121,13 +121,9 @@ def run_gguf(path: Path, prompts: list[list[int]], new: int) -> dict:
 def find_export(arg: str | None) -> Path:
     if arg:
         return Path(arg)
-    found = [
-        p.parent
-        for root in (REPO / "artifacts", REPO / ".cache" / "test-store")
-        for p in (root / "export").glob("*/result.json")
-    ]
+    found = [p.parent for p in (REPO / "artifacts" / "export").glob("*/result.json")]
     if not found:
-        sys.exit("no export artifact found: run `make run` first, or pass --export DIR")
+        sys.exit("no export artifact in artifacts/: run `make run` first, or pass --export DIR")
     return max(found, key=lambda p: p.stat().st_mtime)
 
 

@@ -457,7 +457,7 @@ class ServeConfig(Section):
     )
     max_queue: int = Field(64, ge=0, description="Requests waiting beyond that before 429.")
     prefill_chunk: int = Field(
-        64,
+        128,
         gt=0,
         description="Prompt tokens added to one decode step; a longer prompt is spread over "
         "several steps so the requests already generating keep getting tokens.",

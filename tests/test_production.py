@@ -96,6 +96,7 @@ def dataset(path: Path, index: int, records: int = 32) -> Path:
         lines.append(
             json.dumps({"instruction": f"What is {a} + {b}?", "input": "", "output": f"{a + b}."})
         )
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
 

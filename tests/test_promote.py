@@ -196,7 +196,13 @@ def test_model_card_names_base_method_data_and_how_to_run():
         "served_gguf": "/x/model-q8_0.gguf",
     }
     card = promote.model_card("demo", summary, "| a | b |", "| q8_0 | ok |")
-    for text in ("bundled:smollm2-135m-instruct", "lora", "9 kept", "2.5 → 1.5", "| q8_0 | ok |"):
+    for text in (
+        "bundled:smollm2-135m-instruct",
+        "lora",
+        "9 kept",
+        "2.5000 → 1.5000",
+        "| q8_0 | ok |",
+    ):
         assert text in card
     assert "llmft serve --deployed demo" in card and "/x/model-q8_0.gguf" in card
     # P-Tuning v2: no GGUF to run, and the card says why instead of a command that fails
