@@ -1,7 +1,7 @@
 """GPU training speed: llmft's training stage against its peers, each timed from outside.
 
-    python bench/train_gpu.py [--rows 1b:lora,8b:lora,...] [--impls llmft,trl,...]
-                              [--short 3] [--long 15] [--out DIR]
+    python bench/train_gpu.py [--rows 1b:lora,8b:lora:2:8,...] [--impls llmft,trl,...]
+                              [--short 3] [--long 35] [--repeat 2] [--out DIR]
 
 Every implementation of every row runs as two whole processes on the same records, one
 of `--short` and one of `--long` optimizer steps, and the bench reads each process's
@@ -11,6 +11,10 @@ wall clock from outside, start to exit:
 
 so interpreter start, imports, loading, quantization, warm-up, compilation and saving
 cancel out and what is left is the steady step rate, however the tool times itself.
+A process's start varies by a second or two from one run to the next (measured: the same
+1B job's short and long processes 1.9 s apart where its steps took 3.4 s), so the long
+process must run many seconds more than the short one, and `--repeat` pairs are taken
+and their median reported, with the spread in results.json (`rates`).
 That figure is the table's `tok/s`, and its ratios and MFU use it. Beside it, `own` is the
 tool's own in-process figure from the long run (trained tokens over the steps after
 `--warmup`, every step closed by a device sync): the two should agree; where they do not,
@@ -317,21 +321,33 @@ def run_process(impl: str, row: dict, steps: int, args) -> dict:
 
 
 def measure(impl: str, row: dict, args) -> dict:
-    """The two processes of one implementation, and the tokens/s between them."""
-    short = run_process(impl, row, row["short"], args)
-    if short.get("error"):
-        return {"error": short["error"], "short": short}
-    long = run_process(impl, row, row["long"], args)
-    if long.get("error"):
-        return {"error": long["error"], "short": short, "long": long}
+    """The two processes of one implementation, `--repeat` times, and the tokens/s between
+    them (the median pair; the spread shows how much one pair can be trusted).
+
+    Pairs alternate their order (short, long, then long, short), so a drift over the run
+    (a page cache filling, clocks settling) falls on both sides.
+    """
+    walls: dict[str, list[float]] = {"short": [], "long": []}
+    last = {}
+    for i in range(args.repeat):
+        for kind in ("short", "long") if i % 2 == 0 else ("long", "short"):
+            r = run_process(impl, row, row[kind], args)
+            if r.get("error"):
+                return {"error": r["error"], kind: r}
+            walls[kind].append(r["wall"])
+            last[kind] = r
     tokens = sum(args.step_tokens[row["short"] : row["long"]])
+    rates = sorted(tokens / (lw - sw) for sw, lw in zip(walls["short"], walls["long"], strict=True))
+    long = last["long"]
     return {
-        "tokens_per_second": tokens / (long["wall"] - short["wall"]),
+        "tokens_per_second": statistics.median(rates),
+        "rates": [round(x, 1) for x in rates],
         "own": long["own"],
         "peak_gib": long["peak_gib"],
         "losses": long["losses"],
-        "wall_short": round(short["wall"], 2),
-        "wall_long": round(long["wall"], 2),
+        "wall_short": round(statistics.median(walls["short"]), 2),
+        "wall_long": round(statistics.median(walls["long"]), 2),
+        "walls": {k: [round(x, 2) for x in v] for k, v in walls.items()},
         "tokens_between": tokens,
         "ran": long["ran"],
         "error": None,
@@ -375,8 +391,9 @@ def main() -> None:
     p.add_argument("--rows", default=ROWS, help=f"model:method[:short:long],... (default {ROWS})")
     p.add_argument("--impls", default=IMPLS, help=f"in this order per row (default {IMPLS})")
     p.add_argument("--short", type=int, default=3, help="optimizer steps of the short process")
-    p.add_argument("--long", type=int, default=15, help="optimizer steps of the long process")
+    p.add_argument("--long", type=int, default=35, help="optimizer steps of the long process")
     p.add_argument("--warmup", type=int, default=2, help="steps the in-process figure skips")
+    p.add_argument("--repeat", type=int, default=2, help="pairs of processes per figure")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/llmft-bench"))
     p.add_argument("--work", default="/tmp/llmft-bench-work")
     p.add_argument("--tokenizer", default=str(REPO / ".bench" / "tok"))
