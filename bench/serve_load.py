@@ -188,9 +188,11 @@ async def one_request(client, prompt: str, max_tokens: int, eos: int, out: dict)
     except (openai.APIConnectionError, openai.APIError) as exc:
         out["errors"][type(exc).__name__] += 1
         return
-    if stamps:
-        out["ttft"].append(stamps[0] - sent)
-        out["itl"] += [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    if not stamps:  # answered without a token: llama_cpp.server cuts one off for the next
+        out["errors"]["no tokens"] += 1
+        return
+    out["ttft"].append(stamps[0] - sent)
+    out["itl"] += [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     out["tokens"] += len(stamps)
     out["requests"] += 1
 
