@@ -24,8 +24,8 @@ import re
 from typing import Any
 
 from tasks.config import UserError
+from tasks.formatting import IGNORE
 
-IGNORE = -100  # the label of a token that carries no loss, as in tasks/formatting.py
 CALL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 HERMES_SYSTEM = (
     "You may call one or more functions to answer. The functions are described in "
