@@ -187,15 +187,22 @@ def test_the_run_page_shows_its_graph_and_artifacts(page, ui_server, tiny_pipeli
     run_id, port = summary["run_id"], ui_server["port"]
     dashboard = f"http://127.0.0.1:{port}"
 
-    # The dashboard reads the server's API: its one flow run is counted (a fresh database).
-    page.goto(dashboard)
-    page.get_by_text("1 total", exact=True).wait_for()
+    # The dashboard reads the server's API: the runs list shows this run by its name.
+    name = httpx.get(f"{ui_server['api_url']}/flow_runs/{run_id}", timeout=10).json()["name"]
+    settings = httpx.get(f"{dashboard}/ui-settings", timeout=10).json()
+    ui_base = settings[f"{settings['default_ui']}_base_url"].rstrip("/")
+    page.goto(f"{dashboard}{ui_base}/runs")
+    try:
+        page.get_by_text(name, exact=True).first.wait_for()
+    except Exception as e:  # say what the page showed instead
+        page.screenshot(path=tmp_path / "runs.png", full_page=True)
+        raise AssertionError(
+            f"no run {name!r} on the runs page:\n{page.inner_text('body')[:1500]}"
+        ) from e
     body = page.inner_text("body")
     assert "Can't connect" not in body and "Failed to connect" not in body, body[:500]
 
     # The run's page in the UI the dashboard opens (V2 by default): the graph of every task.
-    settings = httpx.get(f"{dashboard}/ui-settings", timeout=10).json()
-    ui_base = settings[f"{settings['default_ui']}_base_url"].rstrip("/")
     with page.expect_response(lambda r: r.url.endswith(f"/flow_runs/{run_id}/graph-v2")) as graph:
         page.goto(f"{dashboard}{ui_base}/runs/flow-run/{run_id}")
     nodes = graph.value.json()["nodes"]
