@@ -35,6 +35,14 @@ from tasks.serve.engine import Engine, EngineClosed
 from tasks.serve.job import GrammarError, Job
 from tasks.serve.metrics import Metrics
 from tasks.serve.protocol import Options, Refusal, Reply, bad, parse_options, schema_grammar, usage
+from tasks.serve.tools import (
+    CallStream,
+    call_grammar,
+    chat_messages,
+    parse_tools,
+    render,
+    split_calls,
+)
 
 log = logging.getLogger("llmft.serve")
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")
@@ -205,14 +213,10 @@ def create_app(
     async def chat_completions(request: Request) -> Any:
         arrived = time.perf_counter()
         body = await _read_json(request, cfg)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise bad("messages must be a non-empty list", "invalid_messages")
-        messages = [_plain_message(m) for m in messages]
-        if any(m is None for m in messages):
-            raise bad("each message needs a role and text content", "invalid_messages")
+        messages = chat_messages(body.get("messages"))
         opts = parse_options(body, chat=True, cfg=cfg)
-        return await generate(request, opts, lambda e: e.chat_prompt(messages), arrived)
+        opts.tools = parse_tools(body, opts)
+        return await generate(request, opts, lambda e: render(e, messages, opts.tools), arrived)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -247,7 +251,7 @@ def create_app(
             chunks = _sse(events, reply, opts, lambda: (engine.cancel(job), gate.leave()))
             return StreamingResponse(chunks, media_type="text/event-stream")
         try:
-            out = await _collect(request, events, reply)
+            out = await _collect(request, events, reply, opts)
         finally:
             engine.cancel(job)  # a no-op once it has finished
             gate.leave()
@@ -269,6 +273,8 @@ def create_app(
             raise bad(msg, "context_length_exceeded")
         if opts.schema is not None:
             opts.sampling.grammar = schema_grammar(opts.schema)
+        if opts.tools is not None and opts.tools.forced:
+            opts.sampling.grammar = call_grammar(opts.tools)
         job = Job(tokens, max_tokens, opts.sampling, emit, stops + opts.stop, opts.top_logprobs)
         job.arrived = arrived
         try:
@@ -300,17 +306,7 @@ async def _read_json(request: Any, cfg: ServeConfig) -> dict:
     return body
 
 
-def _plain_message(m: Any) -> dict[str, str] | None:
-    """OpenAI messages may carry content as a list of parts; llama.cpp templates want text."""
-    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-        return None
-    content = m.get("content")
-    if isinstance(content, list):
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return {"role": m["role"], "content": content} if isinstance(content, str) else None
-
-
-async def _collect(request: Any, events: asyncio.Queue, reply: Reply) -> dict | None:
+async def _collect(request: Any, events: asyncio.Queue, reply: Reply, opts: Options) -> dict | None:
     """The whole answer; None when the client went away first (its job is then cancelled)."""
     parts, entries = [], []
     while True:
@@ -327,29 +323,40 @@ async def _collect(request: Any, events: asyncio.Queue, reply: Reply) -> dict | 
             raise Refusal(500, event[1], "generation_failed")
         else:
             _, reason, prompt, completion = event
-            return reply.whole("".join(parts), entries, reason, usage(prompt, completion))
+            text, calls = split_calls("".join(parts), opts.tools)
+            return reply.whole(text, entries, reason, usage(prompt, completion), calls)
 
 
 async def _sse(
     events: asyncio.Queue, reply: Reply, opts: Options, done: Callable[[], Any]
 ) -> AsyncIterator[str]:
-    """Server-sent events, one per piece of text; `done` runs however the stream ends."""
+    """Server-sent events, one per piece of text; `done` runs however the stream ends. With
+    tools, text that may be a call is held back and sent as tool_calls at the end."""
 
     def data(obj: dict) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     try:
+        calls = CallStream(opts.tools) if opts.tools and opts.tools.offered else None
         if opts.chat:
             yield data(reply.chunk(None, []))
         while True:
             event = await events.get()
             if event[0] == "delta":
-                yield data(reply.chunk(event[1], event[2]))
+                text = calls.feed(event[1]) if calls else event[1]
+                if text or event[2]:
+                    yield data(reply.chunk(text, event[2]))
             elif event[0] == "error":
                 yield data({"error": {"message": event[1], "type": "server_error"}})
                 return
             else:
                 _, reason, prompt, completion = event
+                tail, found = calls.finish() if calls else ("", [])
+                if tail:
+                    yield data(reply.chunk(tail, []))
+                for i, call in enumerate(found):
+                    yield data(reply.call_chunk(i, call))
+                reason = "tool_calls" if found and reason == "stop" else reason
                 yield data(reply.chunk("", [], reason))
                 if opts.include_usage:
                     yield data(reply.usage_chunk(usage(prompt, completion)))

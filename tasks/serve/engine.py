@@ -98,9 +98,12 @@ class Engine:
             self.waiting.append(job)
             self.cond.notify()
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], list[str]]:
-        """Token ids of `messages` as the GGUF's chat template renders them, and its stops."""
-        rendered = self.formatter(messages=messages)
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], tools: list[dict] | None = None
+    ) -> tuple[list[int], list[str]]:
+        """Token ids of `messages` (and `tools`) as the GGUF's chat template renders them,
+        and its stops."""
+        rendered = self.formatter(messages=messages, tools=tools)
         stops = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop or ""]
         text = rendered.prompt.encode("utf-8")
         return self.tokenizer.tokenize(

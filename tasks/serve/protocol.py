@@ -10,10 +10,13 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks.config import ServeConfig
 from tasks.serve.job import Sampling
+
+if TYPE_CHECKING:
+    from tasks.serve.tools import Tools
 
 
 class Refusal(Exception):
@@ -44,6 +47,7 @@ class Options:
     top_logprobs: int | None = None
     sampling: Sampling = field(default_factory=Sampling)
     schema: str | None = None  # a JSON schema (as JSON) to turn into a grammar
+    tools: Tools | None = None  # chat only: tools, tool_choice (tasks/serve/tools.py)
 
 
 def parse_options(body: dict, chat: bool, cfg: ServeConfig) -> Options:
@@ -215,10 +219,15 @@ class Reply:
             "text_offset": offsets,
         }
 
-    def whole(self, text: str, entries: list, reason: str, usage: dict) -> dict:
+    def whole(
+        self, text: str, entries: list, reason: str, usage: dict, calls: list | None = None
+    ) -> dict:
         lp = self.logprobs(entries)
         if self.chat:
-            message = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if calls:
+                message = {"role": "assistant", "content": text or None, "tool_calls": calls}
+                reason = "tool_calls" if reason == "stop" else reason
             choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}
@@ -234,6 +243,13 @@ class Reply:
         else:
             choice = {"index": 0, "text": text or "", "logprobs": lp, "finish_reason": reason}
         return self._head() | {"object": kind, "choices": [choice]}
+
+    def call_chunk(self, index: int, call: dict) -> dict:
+        """One whole call as a stream delta; its arguments come in one piece, since a call is
+        held back until it has ended (a partial call could still turn out to be text)."""
+        delta = {"tool_calls": [{"index": index} | call]}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+        return self._head() | {"object": "chat.completion.chunk", "choices": [choice]}
 
     def usage_chunk(self, usage: dict) -> dict:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
