@@ -35,7 +35,8 @@ def is_transient(task, task_run, state) -> bool:
 
 def store_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     """The stage's store key, once the store holds that artifact (so gc cannot go stale)."""
-    stage, cfg = context.task.name, parameters["cfg"]
+    # a task is named after its stage, or after it and its role: train-preference, merge-sft
+    stage, cfg = context.task.name.partition("-")[0], parameters["cfg"]
     refs = {k: v for k, v in parameters.items() if k != "cfg"}
     try:
         key = spec.stage_key(stage, cfg, **refs)

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
+from tasks.chain import ThenSettings
+from tasks.chain import second_train as second
 from tasks.sections import (  # noqa: F401 - re-exported: the stages import them from here
     QUANT_TYPES,
     BaseModelConfig,
@@ -211,6 +213,12 @@ class TrainConfig(Section):
         "auto", description="Liger fused kernels on CUDA when installed."
     )
     compile: bool = Field(False, description="torch.compile the model.")
+    then: ThenSettings = Field(
+        None,
+        description="A second training stage after this SFT one, in the same run: the train "
+        "settings it changes, e.g. {objective: dpo, learning_rate: 5.0e-5}. It starts from "
+        "this stage's model and DPO's reference is that model (docs/preference.md).",
+    )  # last: its check reads the settings above
 
 
 class Config(Section):
@@ -343,6 +351,8 @@ def train_problems(t: TrainConfig) -> list[str]:
                 "weights, and the 4-bit weights of train.method='qlora' cannot be partitioned; "
                 "fix: --set train.accelerate_config=zero2_offload (or ddp)"
             )
+    if t.then is not None:  # the second stage's own, named as under train.then
+        problems += [p.replace("train.", "train.then.") for p in train_problems(second(t))]
     if t.method == "ptuning" and t.packing:
         problems.append(
             "train.packing: got True: with train.method='ptuning' every token of a row attends "

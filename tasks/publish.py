@@ -7,6 +7,7 @@ progress line, and how its numbers are written, is here.
     llmft-gguf-verification    markdown  the export stage's verification.md
     llmft-model-card           markdown  tasks/promote's model card
     llmft-training-progress    progress  percent and "training: step N, loss X" while it trains
+    llmft-preference-progress  progress  the same for the second training stage (train.then)
 
 flows/pipeline.py hands each `Artifact` to `prefect.artifacts`; nothing here imports Prefect.
 """
@@ -22,6 +23,7 @@ from typing import Any, Literal
 from tasks.summary import stage_markdown
 
 PROGRESS_KEY = "llmft-training-progress"
+PREFERENCE_PROGRESS_KEY = "llmft-preference-progress"  # train.then's stage (tasks/chain.py)
 STARTING = (0.0, "training: starting")
 DONE = (100.0, "training: done")
 
@@ -69,10 +71,23 @@ def dev_loss_text(dev: dict[str, Any] | None) -> str:
 
 
 def loss_markdown(summary: dict[str, Any]) -> str:
-    """Dev loss before/after, the loss curve image, and the logged train losses."""
-    train_dir = Path(summary["stages"]["train"]["path"])
-    dev = summary.get("dev_loss") or {}
-    lines = [f"# Loss\n\ndev loss: {dev_loss_text(dev)}\n"]
+    """Dev loss before/after, the loss curve image, and the logged train losses; with
+    train.then, the same for each training stage, the SFT one first."""
+    stages = summary["stages"]
+    if "train-preference" not in stages:
+        return _loss_section("# Loss", Path(stages["train"]["path"]), summary.get("dev_loss"))
+    trainings = summary.get("trainings") or {}
+    sections = []
+    for stage in ("train", "train-preference"):
+        done = trainings.get(stage) or {}
+        title = f"# Loss: {stage} ({done.get('objective', '?')})"
+        sections.append(_loss_section(title, Path(stages[stage]["path"]), done.get("dev_loss")))
+    return "\n\n".join(sections)
+
+
+def _loss_section(title: str, train_dir: Path, dev: dict[str, Any] | None) -> str:
+    dev = dev or {}
+    lines = [f"{title}\n\ndev loss: {dev_loss_text(dev)}\n"]
     png = train_dir / "loss.png"
     if png.is_file():
         encoded = base64.b64encode(png.read_bytes()).decode()

@@ -7,8 +7,11 @@
     artifacts/runs/latest.json             the newest completed run's summary
 
 Per stage: its key, folder, whether it came from the store, and its wall seconds. Then
-the data report, dev loss before/after, the evaluation, the GGUF verification, the served
-GGUF and its answer to `pipeline.identity_prompt`.
+the data report, dev loss before/after (of the final training; `trainings` holds each
+training stage's, with `train.then` two), the evaluation, the held-out pair metrics
+(`preference`: evaluate's on the test pairs for base, SFT and tuned, and the final
+training's on its dev pairs; None without pairs), the GGUF verification, the served GGUF
+and its answer to `pipeline.identity_prompt`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Any
 
 from tasks.config import Config
 from tasks.store import Ref, Store, write_json_atomic
+
+TRAININGS = ("train", "train-preference")  # the training stages of a run, in order
 
 
 class Run:
@@ -65,8 +70,18 @@ class Run:
         refs = self.refs
         summary = self._base("completed")
         summary["data"] = read_json(refs["data"], "report.json")
-        summary["dev_loss"] = read_json(refs["train"], "metrics.json").get("dev_loss")
+        trainings = {
+            stage: read_json(refs[stage], "metrics.json") for stage in TRAININGS if stage in refs
+        }
+        final = list(trainings.values())[-1]  # the model the run ends with
+        summary["dev_loss"] = final.get("dev_loss")
+        summary["trainings"] = {
+            stage: {"objective": m.get("preference", {}).get("objective", "sft")}
+            | {k: m[k] for k in ("dev_loss", "preference") if k in m}
+            for stage, m in trainings.items()
+        }
         summary["evaluation"] = read_json(refs.get("evaluate"), "metrics.json")
+        summary["preference"] = preference(summary["evaluation"], final.get("preference"))
         summary["verification"] = read_json(refs.get("export"), "verification.json") or None
         summary["served_gguf"] = served_gguf(refs.get("export"))
         summary["export_skipped"] = export_skipped
@@ -91,6 +106,24 @@ class Run:
 
     def write(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.dir / "summary.json", {**self._base("running"), **summary})
+
+
+def preference(evaluation: dict[str, Any], training: dict[str, Any] | None) -> dict | None:
+    """The held-out pair metrics of a run, None when it saw no pairs: on the test split by
+    model (base, sft, tuned; evaluate's), and the final training's on its dev split."""
+    pairs = evaluation.get("pairs")
+    if not pairs and not training:
+        return None
+    test = None
+    if pairs:
+        models = [m for m in ("base", "sft", "tuned") if evaluation.get(m)]
+        test = {**pairs, **{m: pair_metrics(evaluation[m]) for m in models}}
+    return {"test": test, "dev": training}
+
+
+def pair_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    keep = ("ranking_accuracy", "mean_logp_margin", "dpo_reward_accuracy", "dpo_reward_margin")
+    return {k: metrics[k] for k in keep if k in metrics}
 
 
 def read_json(ref: Ref | None, name: str) -> dict[str, Any]:

@@ -1,7 +1,10 @@
 """Evaluate stage: the base and the tuned model side by side on the same records.
 
     artifacts/evaluate/<key>/metrics.json       {"base": {...}, "tuned": {...}}: dev/test loss,
-                                                perplexity, BLEU-4, ROUGE-1/2/L, exact match
+                                                perplexity, BLEU-4, ROUGE-1/2/L, exact match;
+                                                "sft": {...} too with train.then; held-out
+                                                pair metrics in each, and "pairs", when the
+                                                test split holds preference pairs
     artifacts/evaluate/<key>/predictions.jsonl  prompt, reference, base answer, tuned answer
     artifacts/evaluate/<key>/table.md           the metrics as a markdown table
 
@@ -12,8 +15,13 @@ and ROUGE (rouge-score) run on our own segmentation: Chinese, Japanese and Korea
 are cut into jieba words or characters, other text into words and punctuation, because
 both libraries' default tokenizers drop or glue CJK text. Scores are 0-100.
 
-Adapters (LoRA, QLoRA, P-Tuning v2) are applied with peft on the full-precision base; the
-base scores come from the same model with the adapter disabled. Runs on CPU or CUDA.
+Adapters (LoRA, QLoRA, P-Tuning v2) are applied with peft on the full-precision model the
+training started from; that model's scores come from the same weights with the adapter
+disabled (tasks/evaluate/models.py). With `train.then` the training started from the SFT
+model (`start`, the merge-sft stage's folder): evaluate scores base, SFT and tuned.
+Preference pairs in the test split: each model's ranking accuracy and log-prob margin,
+and a DPO-trained model's DPO rewards against the model it started from
+(tasks/evaluate/pairs.py, with the training stage's own log-prob code). Runs on CPU or CUDA.
 
 Run alone: `python -m tasks.evaluate --spec FILE` (tasks/runner.py); prints table.md.
 """
@@ -179,50 +187,6 @@ def generate(
     return answers
 
 
-def load_models(cfg: Config, base: Ref, train: Ref) -> tuple[Any, Any, Any]:
-    """(tuned model, a context manager that turns it into the base (or None), tokenizer)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = cfg.evaluate.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else None
-    dtype = dtype or torch.float32
-    trust = cfg.base.trust_remote_code
-    load = lambda path: AutoModelForCausalLM.from_pretrained(  # noqa: E731
-        path, dtype=dtype, trust_remote_code=trust
-    ).to(device)
-    if (train.dir / "model").is_dir():  # full fine-tuning: two separate models
-        tuned = load(train.dir / "model").eval()
-        base_model = load(base.dir / "model").eval() if cfg.evaluate.compare_base else None
-        tokenizer = AutoTokenizer.from_pretrained(train.dir / "model", trust_remote_code=trust)
-        as_base = (lambda: _Swap(base_model)) if base_model is not None else None
-        return tuned, as_base, tokenizer
-    from peft import PeftModel
-
-    adapter = train.dir / "adapter"
-    tuned = PeftModel.from_pretrained(load(base.dir / "model"), adapter).eval()
-    has_tokenizer = (adapter / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(
-        adapter if has_tokenizer else base.dir / "model", trust_remote_code=trust
-    )
-    return tuned, (tuned.disable_adapter if cfg.evaluate.compare_base else None), tokenizer
-
-
-class _Swap:
-    """For full fine-tuning: a context that yields the separately loaded base model."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    def __enter__(self) -> Any:
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def score_model(model, tokenizer, cfg: Config, dev, test, prompts, references) -> dict:
     import torch
 
@@ -267,7 +231,10 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-def table_md(base: dict | None, tuned: dict, samples: int) -> str:
+def table_md(
+    base: dict | None, tuned: dict, samples: int, sft: dict | None = None, pairs: dict | None = None
+) -> str:
+    """The metrics as a markdown table: base, (SFT,) tuned, and the change."""
     rows = [
         ("dev loss", "dev_loss"),
         ("dev perplexity", "dev_ppl"),
@@ -279,22 +246,36 @@ def table_md(base: dict | None, tuned: dict, samples: int) -> str:
         ("ROUGE-L F1", "rougeL"),
         ("exact match %", "exact_match"),
     ]
-    from tasks.evaluate.identity import table_rows
+    from tasks.evaluate import identity
+    from tasks.evaluate import pairs as held_out
 
-    rows += table_rows(tuned)  # self-cognition data: how often the name comes out
+    rows += identity.table_rows(tuned)  # self-cognition data: how often the name comes out
+    rows += held_out.table_rows(pairs, tuned)  # preference pairs in the test split
     fmt = lambda v: "–" if v is None else f"{v:g}"  # noqa: E731
-    lines = ["| metric | base | tuned | Δ |", "| --- | ---: | ---: | ---: |"]
+    delta = lambda a, b: f"{b - a:+.4g}" if a is not None and b is not None else "–"  # noqa: E731
+    if sft is None:
+        lines = ["| metric | base | tuned | Δ |", "| --- | ---: | ---: | ---: |"]
+    else:
+        lines = [
+            "| metric | base | sft | tuned | Δ vs base | Δ vs sft |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
     for label, k in rows:
         b, t = (base or {}).get(k), tuned.get(k)
-        delta = f"{t - b:+.4g}" if b is not None and t is not None else "–"
-        lines.append(f"| {label} | {fmt(b)} | {fmt(t)} | {delta} |")
+        if sft is None:
+            lines.append(f"| {label} | {fmt(b)} | {fmt(t)} | {delta(b, t)} |")
+        else:
+            s = sft.get(k)
+            lines.append(
+                f"| {label} | {fmt(b)} | {fmt(s)} | {fmt(t)} | {delta(b, t)} | {delta(s, t)} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 # --- the stage ----------------------------------------------------------------------------
 
 
-def key(cfg: Config, data: Ref, base: Ref, train: Ref) -> str:
+def key(cfg: Config, data: Ref, base: Ref, train: Ref, start: Ref | None = None) -> str:
     from tasks.versions import version
 
     # every evaluate setting enters: even device and cpu_threads change the sums' order,
@@ -302,14 +283,40 @@ def key(cfg: Config, data: Ref, base: Ref, train: Ref) -> str:
     section = cfg.evaluate.model_dump(mode="json")
     section["template"] = cfg.train.template
     section["cutoff_len"] = cfg.train.cutoff_len
+    return make_key("evaluate", version("tasks.evaluate", LIBRARIES), section,
+                    _inputs(data, base, train, start))  # fmt: skip
+
+
+def _inputs(data: Ref, base: Ref, train: Ref, start: Ref | None) -> dict[str, str]:
     inputs = {"data": data.key, "base": base.key, "train": train.key}
-    return make_key("evaluate", version("tasks.evaluate", LIBRARIES), section, inputs)
+    return inputs | ({"start": start.key} if start is not None else {})
 
 
-def run(cfg: Config, store: Store, data: Ref, base: Ref, train: Ref) -> Ref:
+def trained_objective(cfg: Config, train: Ref) -> tuple[str, float]:
+    """(objective, its β) of the final training, as its hyperparameters.yaml says."""
+    import yaml
+
+    from tasks.config import PreferenceConfig
+
+    hp = train.dir / "hyperparameters.yaml"
+    section = (yaml.safe_load(hp.read_text()) or {}).get("train", {}) if hp.is_file() else {}
+    section = section or cfg.train.model_dump(mode="json")
+    objective = section.get("objective", "sft")
+    beta = PreferenceConfig.model_validate(section.get("preference") or {}).strength(objective)
+    return objective, beta
+
+
+def run(
+    cfg: Config, store: Store, data: Ref, base: Ref, train: Ref, start: Ref | None = None
+) -> Ref:
+    """Score tuned, the model it started from (the base, or the SFT model of a chain: `start`)
+    and, in a chain, the base too; each on the same dev/test records and test pairs."""
     from tasks.evaluate import identity
+    from tasks.evaluate import pairs as held_out
+    from tasks.evaluate.models import Models
 
     ev = cfg.evaluate
+    objective, beta = trained_objective(cfg, train)
 
     def work(tmp: Path) -> dict:
         dev = json.loads((data.dir / "dev.json").read_text())[: ev.max_loss_records]
@@ -317,43 +324,61 @@ def run(cfg: Config, store: Store, data: Ref, base: Ref, train: Ref) -> Ref:
         samples = test[: ev.num_samples]
         probes = identity.records(test, cfg.data.placeholders, ev.identity_prompts)
         test = test[: ev.max_loss_records]
-        tuned, as_base, tokenizer = load_models(cfg, base, train)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        prompts = [prompt_ids(tokenizer, r, cfg.train.template) for r in samples]
+        models = Models(cfg, base, train, start)
+        tokenizer, t = models.tokenizer, cfg.train
+        prompts = [prompt_ids(tokenizer, r, t.template) for r in samples]
         refs = [r.get("output") or "" for r in samples]
-        with cpu_threads(ev.cpu_threads if _on_cpu(tuned) else None):
-            result = {"tuned": score_model(tuned, tokenizer, cfg, dev, test, prompts, refs)}
-            identity.add(result["tuned"], tuned, tokenizer, cfg, probes)
-            if as_base is not None:
-                with as_base() as maybe_model:
-                    model = maybe_model if maybe_model is not None else tuned
-                    result["base"] = score_model(model, tokenizer, cfg, dev, test, prompts, refs)
-                    identity.add(result["base"], model, tokenizer, cfg, probes)
-        base_metrics = result["base"]["metrics"] if "base" in result else None
-        metrics = {
-            "base": base_metrics,
-            "tuned": result["tuned"]["metrics"],
-            "samples": len(samples),
-            "dev_records": len(dev),
-            "test_records": len(test),
-        }
+        pairs = held_out.load(tokenizer, test, t.template, t.cutoff_len, ev.batch_size)
+        dpo = pairs is not None and objective == "dpo"  # DPO's rewards need its reference
+
+        def score(model: Any) -> dict:
+            scored = score_model(model, tokenizer, cfg, dev, test, prompts, refs)
+            identity.add(scored, model, tokenizer, cfg, probes)
+            if pairs is not None:
+                scored["metrics"] |= pairs.score(model)
+            return scored
+
+        chained = start is not None
+        with cpu_threads(ev.cpu_threads if _on_cpu(models.tuned) else None):
+            result = {"tuned": score(models.tuned)}
+            if chained or ev.compare_base or dpo:
+                with models.starting() as model:
+                    if chained or ev.compare_base:
+                        result[models.starting_name] = score(model)
+                    reference = pairs.logps(model) if dpo else None
+            if dpo:
+                result["tuned"]["metrics"] |= pairs.dpo(models.tuned, reference, beta)
+            if chained and ev.compare_base:
+                with models.base() as model:
+                    result["base"] = score(model)
+        scored = {name: r["metrics"] for name, r in result.items()}
+        metrics = {"base": scored.get("base"), "tuned": scored["tuned"]}
+        metrics |= {"sft": scored["sft"]} if chained else {}
+        if pairs is not None:
+            metrics["pairs"] = {
+                "split": "test",
+                "pairs": pairs.count,
+                "basis": pairs.basis,
+                "objective": objective,
+                "reference": models.starting_name if dpo else None,
+                "beta": beta if dpo else None,
+            }
+        metrics |= {"samples": len(samples), "dev_records": len(dev), "test_records": len(test)}
         write_json_atomic(tmp / "metrics.json", metrics)
+        shown = ("base", "sft", "tuned") if chained else ("base", "tuned")
         with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
             for i, record in enumerate(samples):
-                row = {
-                    "prompt": user_text(record),
-                    "reference": refs[i],
-                    "base": result["base"]["answers"][i] if "base" in result else None,
-                    "tuned": result["tuned"]["answers"][i],
-                }
+                row = {"prompt": user_text(record), "reference": refs[i]}
+                row |= {n: result[n]["answers"][i] if n in result else None for n in shown}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         identity.write(tmp, probes, result, cfg.data.placeholders)
-        (tmp / "table.md").write_text(table_md(base_metrics, metrics["tuned"], len(samples)))
-        return {"tuned": metrics["tuned"], "base": base_metrics}
+        table = table_md(metrics["base"], metrics["tuned"], len(samples), metrics.get("sft"),
+                         metrics.get("pairs"))  # fmt: skip
+        (tmp / "table.md").write_text(table)
+        return {name: metrics.get(name) for name in ("tuned", "base", "sft", "pairs")}
 
-    inputs = {"data": data.key, "base": base.key, "train": train.key}
-    k = key(cfg, data, base, train)
+    inputs = _inputs(data, base, train, start)
+    k = key(cfg, data, base, train, start)
     return store.build("evaluate", k, work, inputs=inputs, config=ev.model_dump(mode="json"))
 
 

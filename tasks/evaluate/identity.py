@@ -90,7 +90,7 @@ def write(folder: Path, probes: list[dict], result: dict, placeholders: dict[str
     with open(folder / "identity.jsonl", "w", encoding="utf-8") as f:
         for i, record in enumerate(probes):
             row: dict[str, Any] = {"prompt": user_text(record), "reference": record["output"]}
-            for model in ("base", "tuned"):
+            for model in ("base", "sft", "tuned"):
                 answers = result.get(model, {}).get("identity_answers")
                 if answers is not None:
                     row[model] = answers[i]

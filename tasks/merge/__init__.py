@@ -94,7 +94,11 @@ def run(cfg: Config, store: Store, base: Ref, train: Ref) -> Ref | None:
         if (train.dir / "hyperparameters.yaml").is_file():
             shutil.copy(train.dir / "hyperparameters.yaml", tmp / "hyperparameters.yaml")
         # Export converts the base beside the adapter for unmerged llama.cpp serving.
-        return {"method": method, "base_model_dir": str(base_dir), "adapter_dir": str(adapter)}
+        made = {"method": method, "base_model_dir": str(base_dir), "adapter_dir": str(adapter)}
+        # what the base stage recorded of the model (its source's name, its consent to run
+        # the model's code) travels on: a next training stage starts from this folder
+        origin = base.manifest() if (base.dir / "manifest.json").is_file() else {}
+        return made | {k: origin[k] for k in ("source", "trust_remote_code") if k in origin}
 
     inputs = {"base": base.key, "train": train.key}
     return store.build("merge", key(cfg, base, train), work, inputs=inputs, config={})

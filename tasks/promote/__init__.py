@@ -12,12 +12,17 @@ The rule, in order:
    ROUGE-L F1 must beat the base's by `pipeline.promote_margin` points and, for
    self-cognition data, the served GGUF must name the assistant in at least
    `pipeline.promote_min_name_rate` % of the held-out identity prompts; else "rejected";
-2. against the deployed model: both GGUFs answer the same test prompts (the first
-   `pipeline.promote_samples` of this run's test split) greedily through llama.cpp, and the
-   mean ROUGE-L F1 of their answers, by evaluate's own scorer (tasks/evaluate/served.py), is
-   compared. The candidate is promoted when its score is >= the deployed one's (ties
-   promote: the newer run has seen the newer data). Both are scored by the same engine on
-   the same prompts, so a change of test split between runs cannot make it unfair.
+2. a preference run (dpo, orpo, simpo, alone or after SFT with `train.then`): against the
+   newest promoted run of the same objective on the same held-out pairs, by evaluate's
+   pair ranking accuracy; the first of its kind is promoted on the floor alone
+   (tasks/promote/basis.py says why and how);
+3. an SFT run, against the deployed model: both GGUFs answer the same test prompts (the
+   first `pipeline.promote_samples` of this run's test split) greedily through llama.cpp,
+   and the mean ROUGE-L F1 of their answers, by evaluate's own scorer
+   (tasks/evaluate/served.py), is compared. The candidate is promoted when its score is >=
+   the deployed one's (ties promote: the newer run has seen the newer data). Both are
+   scored by the same engine on the same prompts, so a change of test split between runs
+   cannot make it unfair.
 
 Every decision says why, in the run's summary (`promotion`), history.jsonl and the model
 card shown in the Prefect UI.
@@ -44,6 +49,7 @@ from filelock import FileLock
 
 from tasks.config import Config
 from tasks.evaluate import MAIN_METRIC, served
+from tasks.promote import basis
 from tasks.promote.gate import Floor, check
 from tasks.store import write_json_atomic
 
@@ -98,15 +104,17 @@ def promote(
     folder = deployed_dir(store_root, name)
     folder.mkdir(parents=True, exist_ok=True)
     gguf = Path(gguf).resolve()
+    kind = basis.of(evaluation)  # a preference run's basis; None: an SFT run
     with FileLock(str(folder / ".lock")):  # two runs finishing together promote one by one
         now = current(store_root, name)
         decision: dict[str, Any] = {
-            "metric": METRIC,
+            "metric": basis.METRIC if kind else METRIC,
             "candidate": None,
             "deployed": None,
-            "prompts": len(test_records),
+            "prompts": evaluation["pairs"]["pairs"] if kind else len(test_records),
             "pointer": str(folder / "current.json"),
             "identity": {k: v for k, v in (identity or {}).items() if k != "answers"} or None,
+            "basis": kind,
         }
         passed, failed = check(floor, evaluation, identity) if floor else ([], [])
         decision["floor"] = {"passed": passed, "failed": failed}
@@ -121,6 +129,9 @@ def promote(
                 "decision": "rejected",
                 "reason": f"below the floor: {'; '.join(failed)}; {stays}",
             }
+        elif kind is not None:  # the same metric on the same pairs, or the floor alone
+            decision |= basis.decide(folder / "history.jsonl", kind, evaluation)
+            decision["reason"] += floor_ok
         elif now is None:
             decision |= {
                 "decision": "promoted",
@@ -178,13 +189,14 @@ def model_card(
     data = summary.get("data") or {}
     dev = summary.get("dev_loss") or {}
     gguf = summary.get("served_gguf")
+    chained = bool((cfg["train"].get("then") or {}).get("objective"))
     # the served GGUF's identity check: the run's own, or the one promotion made
     identity = summary.get("identity") or (summary.get("promotion") or {}).get("identity")
     lines = [
         f"# {name}",
         "",
-        f"Fine-tuned from `{cfg['base']['model']}` with **{cfg['train']['method']}** by llmft "
-        f"(run `{summary['run_id']}`).",
+        f"Fine-tuned from `{cfg['base']['model']}` with **{cfg['train']['method']}**"
+        f"{_objectives(cfg['train'])} by llmft (run `{summary['run_id']}`).",
         "",
         "## Data",
         "",
@@ -200,7 +212,7 @@ def model_card(
         f"max steps {cfg['train']['max_steps']}, epochs {cfg['train']['num_epochs']}",
         *([f"- {line}"] if (line := _budget_line(summary)) else []),
         "",
-        "## Evaluation (base vs tuned, test split)",
+        f"## Evaluation ({'base, SFT and tuned' if chained else 'base vs tuned'}, test split)",
         "",
         evaluation_md.strip() or "(not available)",
         "",
@@ -224,6 +236,15 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _objectives(train: dict[str, Any]) -> str:
+    """ ", sft then dpo" for a chain, ", dpo" for one preference stage, "" for plain SFT."""
+    first = train.get("objective", "sft")
+    then = (train.get("then") or {}).get("objective")
+    if then:
+        return f", {first} then {then}"
+    return "" if first == "sft" else f", {first}"
 
 
 def _budget_line(summary: dict[str, Any]) -> str | None:

@@ -1,7 +1,12 @@
 """Promotion's floor: what a candidate must reach before it is compared with anything.
 
-    1. evaluate's main metric, ROUGE-L F1 of its test answers (0-100): tuned - base >=
-       pipeline.promote_margin (None: not checked)
+    1. what its last training optimised, against the model that training started from,
+       by pipeline.promote_margin points (None: not checked):
+       - an SFT run: evaluate's main metric, ROUGE-L F1 of its test answers (0-100):
+         tuned - base >= promote_margin
+       - a preference run (dpo, orpo, simpo; tasks/promote/basis.py): evaluate's held-out
+         pair ranking accuracy on the test split, in % (0-100): tuned - start >=
+         promote_margin, start the SFT model of a `train.then` chain, else the base
     2. self-cognition data (test references that name the assistant): the served GGUF's
        greedy answer contains data.placeholders.name on >= pipeline.promote_min_name_rate %
        of the held-out identity prompts (tasks/evaluate/identity.py)
@@ -19,6 +24,7 @@ from typing import Any
 
 from tasks.config import PipelineConfig
 from tasks.evaluate import MAIN_METRIC
+from tasks.promote import basis
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,9 @@ def check(
     """(passed, failed): one readable line per check of the floor."""
     passed: list[str] = []
     failed: list[str] = []
-    if floor.margin is not None:
+    if floor.margin is not None and basis.of(evaluation) is not None:
+        _pair_gain(floor.margin, evaluation, passed, failed)
+    elif floor.margin is not None:
         base = (evaluation.get("base") or {}).get(MAIN_METRIC)
         tuned = (evaluation.get("tuned") or {}).get(MAIN_METRIC)
         if tuned is None:
@@ -67,3 +75,24 @@ def check(
         )
         (passed if ok else failed).append(line)
     return passed, failed
+
+
+def _pair_gain(margin: float, evaluation: dict[str, Any], passed: list, failed: list) -> None:
+    """A preference run: held-out pair ranking accuracy, tuned against where it started."""
+    start = "sft" if evaluation.get("sft") else "base"
+    before = (evaluation.get(start) or {}).get(basis.METRIC)
+    tuned = (evaluation.get("tuned") or {}).get(basis.METRIC)
+    if tuned is None or before is None:
+        failed.append(
+            f"evaluate scored no {'tuned' if tuned is None else start} model's held-out pair "
+            "ranking, so the preference training cannot be compared with its start (fix: "
+            "--set evaluate.compare_base=true, or --set pipeline.promote_margin=null)"
+        )
+        return
+    gain = 100 * (tuned - before)
+    line = (
+        f"held-out pair ranking accuracy {start} {100 * before:.1f} % → tuned "
+        f"{100 * tuned:.1f} % ({gain:+.1f} points; {'≥' if gain >= margin else '<'} margin "
+        f"{margin:g})"
+    )
+    (passed if gain >= margin else failed).append(line)

@@ -56,6 +56,8 @@ SECTIONS = ("train",)
 # and every retry, on whichever hosts it lands, must find the same partial folder.
 NOT_IN_KEY = {"logging_steps", "save_steps", "save_total_limit"}
 NOT_IN_KEY |= {"node_rank", "master_addr", "master_port"}
+# `then` is the next training stage's (tasks/chain.py): this stage trains the same without it
+NOT_IN_KEY |= {"then"}
 
 
 def key(cfg: Config, data: Ref, base: Ref) -> str:

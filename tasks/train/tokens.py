@@ -93,16 +93,15 @@ def tokenize_split(
         if pairs and record.get("rejected") is None:
             counts["not_a_pair"] += 1
             continue
-        enc = encode(tokenizer, record, t.template, t.cutoff_len, t.train_on_prompt)
-        if pairs and enc is not None:
-            other = {**record, "output": record["rejected"]}
-            rejected = encode(tokenizer, other, t.template, t.cutoff_len, t.train_on_prompt)
-            if rejected is None:
-                enc = None
-            else:
+        if pairs:
+            both = encode_pair(tokenizer, record, t.template, t.cutoff_len, t.train_on_prompt)
+            enc, rejected = both or (None, None)
+            if rejected is not None:
                 columns["rejected_input_ids"].append(rejected.input_ids)
                 columns["rejected_labels"].append(rejected.labels)
                 counts["tokens"] += len(rejected.input_ids)
+        else:
+            enc = encode(tokenizer, record, t.template, t.cutoff_len, t.train_on_prompt)
         if enc is None:
             counts["dropped"] += 1
             continue
@@ -124,6 +123,17 @@ def tokenize_split(
             f"tokens long, so nothing is left to train on (fix: --set train.cutoff_len=1024)"
         )
     return columns, counts
+
+
+def encode_pair(
+    tokenizer: Any, record: dict, template: str, cutoff_len: int, train_on_prompt: bool = False
+) -> tuple[Any, Any] | None:
+    """(chosen, rejected) encodings of a pair record, sharing its prompt; None when either
+    leaves nothing to train on (the prompt alone fills cutoff_len)."""
+    chosen = encode(tokenizer, record, template, cutoff_len, train_on_prompt)
+    other = {**record, "output": record["rejected"]}
+    rejected = encode(tokenizer, other, template, cutoff_len, train_on_prompt)
+    return None if chosen is None or rejected is None else (chosen, rejected)
 
 
 def write_arrow(path: Path, columns: dict[str, list]) -> None:
