@@ -1,8 +1,8 @@
 """The shipped recipe, configs/dpo.yaml, end to end on the bundled SmolLM2-135M-Instruct:
 SFT on the demo legal pairs' chosen answers, then DPO on the pairs, in one pipeline run,
 and the same SFT stage followed by ORPO (from the store: only the second training and what
-follows run again). Slow (about 15 minutes on 2 cores, then 8 for ORPO): it prints the
-held-out pair table that docs/preference.md's "Measured" section shows.
+follows run again). Slow (22 minutes on 2 cores, then 19 for ORPO): it prints the held-out
+pair table that docs/preference.md's "Measured" section shows.
 
     pytest -m slow tests/test_preference_slow.py -s
 """
