@@ -30,9 +30,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"data.input={args.dataset}")
     cfg = load_config(args.config, overrides, for_training=True)
     summary = run_pipeline(cfg, summary_path=args.summary)
+    width = max(map(len, summary["stages"]), default=0)  # train-preference in a chain
     for name, stage in summary["stages"].items():
         how = "from the store" if stage["cached"] else "computed"
-        print(f"{name:9} {how:14} {stage['seconds']:8.1f} s  {stage['path']}")
+        print(f"{name:{width}} {how:14} {stage['seconds']:8.1f} s  {stage['path']}")
     default_file = Path(cfg.pipeline.store) / "runs" / summary["run_id"] / "summary.json"
     shown = {k: summary.get(k) for k in ("run_id", "served_gguf", "answer")}
     if summary.get("export_skipped"):
