@@ -1,6 +1,6 @@
 """GPU training speed: llmft's training stage against its peers, each timed from outside.
 
-    python bench/train_gpu.py [--rows 1b:lora,8b:lora:2:8,...] [--impls llmft,trl,...]
+    python bench/train_gpu.py [--rows 1b:lora:3:60:15,8b:lora:2:14:5,...] [--impls llmft,trl,...]
                               [--short 3] [--long 35] [--repeat 2] [--out DIR]
 
 Every implementation of every row runs as two whole processes on the same records, one
@@ -15,6 +15,9 @@ A process's start varies by a second or two from one run to the next (measured: 
 1B job's short and long processes 1.9 s apart where its steps took 3.4 s), so the long
 process must run many seconds more than the short one, and `--repeat` pairs are taken
 and their median reported, with the spread in results.json (`rates`).
+A row's third number (`1b:lora:3:60:15`) gives the peers a shorter long process than
+llmft's, so that each side's two processes are a similar number of seconds apart; the
+steps are the same records for every tool, and the table prints each side's step counts.
 That figure is the table's `tok/s`, and its ratios and MFU use it. Beside it, `own` is the
 tool's own in-process figure from the long run (trained tokens over the steps after
 `--warmup`, every step closed by a device sync): the two should agree; where they do not,
@@ -329,7 +332,7 @@ def measure(impl: str, row: dict, args) -> dict:
     """
     walls: dict[str, list[float]] = {"short": [], "long": []}
     last = {}
-    for i in range(args.repeat):
+    for i in range(args.repeat if impl == "llmft" else args.peer_repeat or args.repeat):
         for kind in ("short", "long") if i % 2 == 0 else ("long", "short"):
             r = run_process(impl, row, row[kind], args)
             if r.get("error"):
@@ -388,12 +391,16 @@ def table(results: list[dict], ceiling: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", default=ROWS, help=f"model:method[:short:long],... (default {ROWS})")
+    p.add_argument(
+        "--rows", default=ROWS,
+        help=f"model:method[:short:long[:peer_long]],... (default {ROWS})",
+    )  # fmt: skip
     p.add_argument("--impls", default=IMPLS, help=f"in this order per row (default {IMPLS})")
     p.add_argument("--short", type=int, default=3, help="optimizer steps of the short process")
     p.add_argument("--long", type=int, default=35, help="optimizer steps of the long process")
     p.add_argument("--warmup", type=int, default=2, help="steps the in-process figure skips")
     p.add_argument("--repeat", type=int, default=2, help="pairs of processes per figure")
+    p.add_argument("--peer-repeat", type=int, default=0, help="the peers' pairs (default --repeat)")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/llmft-bench"))
     p.add_argument("--work", default="/tmp/llmft-bench-work")
     p.add_argument("--tokenizer", default=str(REPO / ".bench" / "tok"))
@@ -425,11 +432,17 @@ def main() -> None:
 
     for spec in args.rows.split(","):
         model, method, *steps = spec.split(":")
-        short, long = map(int, steps) if steps else (args.short, args.long)
+        short, long, peer_long = (
+            (int(steps[0]), int(steps[1]), int(steps[2] if len(steps) > 2 else steps[1]))
+            if steps else (args.short, args.long, args.long)
+        )  # fmt: skip
         name = f"{model} {method}"
-        row = {"name": name.replace(" ", "-"), "method": method, "short": short, "long": long,
-               "model_dir": work / f"model-{model}"}  # fmt: skip
         for impl in args.impls.split(","):
+            # a peer several times slower reaches the same seconds between its two
+            # processes in fewer steps; the records of each step are the same for all
+            row = {"name": name.replace(" ", "-"), "method": method, "short": short,
+                   "long": long if impl == "llmft" else peer_long,
+                   "model_dir": work / f"model-{model}"}  # fmt: skip
             if any(r["row"] == name and r["impl"] == impl for r in results):
                 continue
             if args.deadline and time.time() - started > args.deadline:
