@@ -164,7 +164,8 @@ def activation_bytes(config: Any, tokens: int) -> int:
 def token_budget(model: Any, train_cfg: Any, device: torch.device) -> int:
     """Tokens per micro-batch: as many as 60% of the GPU holds after weights, gradients and
     AdamW states, capped by a step's worst case (batch_size × grad_accum × cutoff_len),
-    and never below batch_size × cutoff_len (what a padded micro-batch may hold).
+    and never below batch_size × cutoff_len (what a padded micro-batch may hold). With
+    gradient checkpointing asked for in the config, memory is the point: the floor.
 
     Why big: per micro-batch the host issues ~10 k kernel launches whatever its size; at
     8 k tokens a 1B model's step on an H100 waited on the host (bench/NOTES.md), so
@@ -172,8 +173,8 @@ def token_budget(model: Any, train_cfg: Any, device: torch.device) -> int:
     mean over the whole step however its tokens are split.
     """
     floor = train_cfg.batch_size * train_cfg.cutoff_len
-    if device.type != "cuda":
-        return floor
+    if device.type != "cuda" or train_cfg.gradient_checkpointing:
+        return floor  # checkpointing asked for (QLoRA recipe): memory before speed
     total = torch.cuda.get_device_properties(device).total_memory
     base = unwrap(model)
     weights = sum(p.numel() * p.element_size() for p in base.parameters())

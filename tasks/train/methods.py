@@ -132,6 +132,13 @@ def load(cfg: TrainConfig, model_dir: Path, compute_dtype: Any, device: Any) -> 
             use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+        if compute_dtype == torch.bfloat16:
+            # peft upcast every frozen weight it did not quantize (embeddings, LM head,
+            # norms) to fp32: frozen weights need no fp32 copy, and an fp32 embedding makes
+            # the residual stream, so every checkpointed layer input, fp32 (twice the bytes)
+            for param in model.parameters():
+                if not param.requires_grad and param.dtype == torch.float32:
+                    param.data = param.data.to(compute_dtype)
         _after_load(model, cfg, checkpointing=False)
         return _peft(model, _lora_config(cfg))
 
