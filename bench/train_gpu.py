@@ -46,8 +46,8 @@ fine-tuning (forward 2N, backward 4N) and 4 for LoRA/QLoRA (frozen weights need 
 gradient). Attention FLOPs are left out (~3% at these lengths); checkpointing's extra
 forward is not counted (it is work a QLoRA row chooses to redo). Peak GPU memory is
 torch's max_memory_allocated in the long run. loss@1 is the first step's loss (same
-weights, same records: shows every tool computes the same function); loss@end the mean of
-the last two steps of the long run.
+weights, same records: shows every tool computes the same function); loss@k the loss
+after step k, the last step every tool of the row ran.
 
 Results: the table on stdout and in `--out`/table.txt; every process's numbers and log
 under `--work`, results.json in both (rewritten after each process, so a run cut short
@@ -360,32 +360,57 @@ def measure(impl: str, row: dict, args) -> dict:
 # ----------------------------------------------------------------------------- table
 
 
+AGREE = (0.8, 1.25)  # wall/own outside this: the processes' start-up spread swamped the span
+
+
+def settled(r: dict) -> bool:
+    return r["own"] > 0 and AGREE[0] <= r["tokens_per_second"] / r["own"] <= AGREE[1]
+
+
 def table(results: list[dict], ceiling: dict) -> str:
+    """Both figures per row, and the ratios and MFU by each. `wall` is the outside
+    figure; where it disagrees with `own` beyond AGREE (or is negative), the two processes
+    were too few seconds apart for their start-up spread, and the row says `unsettled`."""
     head = (
-        f"{'row':<13} {'impl':<9} {'tok/s':>8} {'own':>8} {'MFU':>6} {'vs peer':>8} "
-        f"{'peak GiB':>8} {'loss@1':>8} {'loss@end':>8} {'steps: wall s':>20}"
+        f"{'row':<10} {'impl':<9} {'wall tok/s':>10} {'own tok/s':>9} {'wall/own':>9} "
+        f"{'MFU wall':>8} {'MFU own':>7} {'x peer wall':>11} {'x peer own':>10} "
+        f"{'peak GiB':>8} {'loss@1':>8} {'loss@k':>8} {'k':>3} {'steps: wall s':>19}"
     )
     lines = [head, "-" * len(head)]
     for name in dict.fromkeys(r["row"] for r in results):
         rows = [r for r in results if r["row"] == name]
         peers = [r for r in rows if r["impl"] != "llmft" and not r.get("error")]
-        best = max(peers, key=lambda r: r["tokens_per_second"], default=None)
+        # the loss after the same step for every tool: the last step they all ran
+        k = min((len(r["losses"]) for r in rows if not r.get("error")), default=0)
+        best = {  # the fastest peer by each figure; by `wall` only where it settled
+            "own": max((r["own"] for r in peers if r["own"] > 0), default=None),
+            "tokens_per_second": max(
+                (r["tokens_per_second"] for r in peers if settled(r)), default=None
+            ),
+        }
         for r in rows:
             if r.get("error"):
-                lines.append(f"{name:<13} {r['impl']:<9} {r['error'][:110]}")
+                lines.append(f"{name:<10} {r['impl']:<9} {r['error'][:110]}")
                 continue
-            tps = r["tokens_per_second"]
-            mfu = tps * r["c"] * r["N"] / (ceiling["matmul_tflops"] * 1e12)
-            ratio = f"{tps / best['tokens_per_second']:.2f}x" if best else "-"
+            wall, own = r["tokens_per_second"], r["own"]
+
+            def mfu(tps: float, r: dict = r) -> str:
+                return f"{100 * tps * r['c'] * r['N'] / (ceiling['matmul_tflops'] * 1e12):.1f}%"
+
+            def ratio(tps: float, k: str, best: dict = best) -> str:
+                return f"{tps / best[k]:.2f}x" if best[k] and tps > 0 else "-"
+
             losses = r["losses"]
-            end = sum(losses[-2:]) / len(losses[-2:])
             walls = f"{r['short']}/{r['long']}: {r['wall_short']:.1f}/{r['wall_long']:.1f}"
             lines.append(
-                f"{name:<13} {r['impl']:<9} {tps:>8.0f} {r['own']:>8.0f} {100 * mfu:>5.1f}% "
-                f"{ratio:>8} {r['peak_gib']:>8.2f} {losses[0]:>8.4f} {end:>8.4f} {walls:>20}"
+                f"{name:<10} {r['impl']:<9} {wall:>10.0f} {own:>9.0f} "
+                f"{(f'{wall / own:.2f}' if settled(r) else 'unsettled'):>9} "
+                f"{mfu(wall) if wall > 0 else '-':>8} {mfu(own):>7} "
+                f"{ratio(wall, 'tokens_per_second') if settled(r) else '-':>11} {ratio(own, 'own'):>10} "
+                f"{r['peak_gib']:>8.2f} {losses[0]:>8.4f} {losses[k - 1]:>8.4f} {k:>3} {walls:>19}"
             )
     lines.append("")
-    lines += [f"{'(all rows)':<13} {k:<9} {v}" for k, v in NOT_RUN.items()]
+    lines += [f"{'(all rows)':<10} {k:<9} {v}" for k, v in NOT_RUN.items()]
     return "\n".join(lines)
 
 
@@ -414,7 +439,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     saved = work / "results.json"
-    state = json.loads(saved.read_text()) if args.resume and saved.exists() else {}
+    resume = args.resume or args.table
+    state = json.loads(saved.read_text()) if resume and saved.exists() else {}
     ceiling = state.get("ceiling") or ceilings()
     # a resumed run measures again what failed before (a fix may have landed since)
     results: list[dict] = [r for r in state.get("results", []) if not r.get("error")]
