@@ -68,7 +68,11 @@ def find_gguf(arg: str | None) -> Path:
 
 
 def make_prompts(gguf: Path, n: int, tokens: int) -> tuple[list[str], int]:
-    """`n` different user messages whose rendered chat prompt is `tokens` tokens long."""
+    """`n` different user messages whose rendered chat prompt is `tokens` tokens long.
+
+    Each starts with its own four-digit number, so no two requests of a run share more
+    than the chat template's opening (a server that keeps prompts' KV cells, as llmft and
+    llama.cpp's server do, gains only what real users with one system prompt would)."""
     from tasks.serve import chat_formatter, load_vocab
 
     vocab = load_vocab(gguf)
@@ -78,15 +82,14 @@ def make_prompts(gguf: Path, n: int, tokens: int) -> tuple[list[str], int]:
         prompt = render(messages=[{"role": "user", "content": text}]).prompt.encode()
         return len(vocab.tokenize(prompt, add_bos=False, special=True))
 
-    prompts = []
-    for i in range(n):
-        words = f"Question {i + 1}. {TEXT} {TEXT}".split()
-        lo, hi = 1, len(words)  # the longest prefix that fits
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if count(" ".join(words[:mid])) <= tokens else (lo, mid - 1)
-        prompts.append(" ".join(words[:lo]))
-    return prompts, vocab.token_eos()
+    words = f"{TEXT} {TEXT}".split()
+    lo, hi = 1, len(words)  # the longest prefix that fits, after the widest number
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        text = "Question 9999. " + " ".join(words[:mid])
+        lo, hi = (mid, hi) if count(text) <= tokens else (lo, mid - 1)
+    body = " ".join(words[:lo])
+    return [f"Question {1000 + i}. {body}" for i in range(n)], vocab.token_eos()
 
 
 def free_port() -> int:
@@ -213,7 +216,7 @@ async def load(url: str, clients: int, seconds: float, prompts, max_tokens, eos)
             j = 0
             while time.perf_counter() - start < seconds:
                 length = max_tokens * LENGTHS[(i + j) % len(LENGTHS)] // 4
-                await one_request(client, prompts[i], length, eos, out)
+                await one_request(client, next(prompts), length, eos, out)
                 j += 1
 
         await asyncio.gather(*(user(i) for i in range(clients)))
@@ -247,7 +250,7 @@ def main() -> None:
 
     gguf = find_gguf(args.gguf)
     levels = [int(c) for c in args.clients.split(",")]
-    prompts, eos = make_prompts(gguf, max(levels), args.prompt_tokens)
+    texts, eos = make_prompts(gguf, 9000, args.prompt_tokens)
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
     old = subprocess.run(
         ["git", "show", f"{args.before}:tasks/serve/__init__.py"],
@@ -271,6 +274,7 @@ def main() -> None:
     for name, cmd in servers.items():
         proc = start(cmd, port, work / f"{name.replace(' ', '_').replace(',', '')}.log")
         url = f"http://127.0.0.1:{port}"
+        prompts = iter(texts)  # every server gets the same prompts in the same order
         try:
             asyncio.run(load(url, 1, 0, prompts, 8, eos))  # warm-up: one short answer
             for clients in levels:

@@ -275,6 +275,12 @@ class ServeConfig(Section):
     max_body_bytes: int = Field(
         1_048_576, gt=0, description="Reject larger request bodies with 413 before parsing."
     )
+    cache_prompt: bool = Field(
+        True,
+        description="Keep a finished request's KV cells in its slot; a new request goes to "
+        "the free slot that shares the longest start with its prompt (the next turn of a "
+        "chat, a common system prompt) and decodes only the rest.",
+    )
 
 
 class PipelineConfig(Section):

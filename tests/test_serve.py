@@ -331,6 +331,52 @@ def test_greedy_answer_is_the_same_alone_or_among_15_others(wide):
     wait_for(lambda: health(wide)["slots_busy"] == 0, seconds=10)
 
 
+def test_next_turn_decodes_only_its_new_tokens_and_answers_the_same(bundled):
+    """serve.cache_prompt: the second turn of a chat lands in the slot that holds the first
+    turn's cells and decodes only what is new; its greedy answer is the one a server
+    without the cache gives. Another user's question shares the system prompt only."""
+    servers = {
+        on: LiveServer(
+            serve.create_app(ServeConfig(n_ctx=512, max_concurrent=2, cache_prompt=on),
+                             model=str(bundled))
+        )
+        for on in (True, False)
+    }  # fmt: skip
+    try:
+
+        def ask(on: bool, messages: list[dict]):
+            client = openai.OpenAI(base_url=servers[on].url + "/v1", api_key="x", max_retries=0)
+            return client.chat.completions.create(
+                model="any", messages=messages, temperature=0, max_tokens=24
+            )
+
+        first = [{"role": "user", "content": "Name three colours of the rainbow."}]
+        turn1 = ask(True, first)
+        answer = turn1.choices[0].message.content
+        assert turn1.usage.prompt_tokens_details.cached_tokens == 0
+        second = first + [
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "And which one is between the other two?"},
+        ]
+        cached, plain = ask(True, second), ask(False, second)
+        hit = cached.usage.prompt_tokens_details.cached_tokens
+        # the whole first turn's prompt and most of its answer were in the slot
+        assert hit >= turn1.usage.prompt_tokens + turn1.usage.completion_tokens // 2
+        assert hit < cached.usage.prompt_tokens
+        assert plain.usage.prompt_tokens_details.cached_tokens == 0
+        assert cached.choices[0].message.content == plain.choices[0].message.content
+        # another question: the free slots hold this chat (its system prompt is the start)
+        other = ask(True, [{"role": "user", "content": "What is the capital of Peru?"}])
+        shared = other.usage.prompt_tokens_details.cached_tokens
+        assert 0 < shared < other.usage.prompt_tokens - 5
+        metrics = httpx.get(servers[True].url + "/metrics").text
+        total = float(re.search(r"^llmft_prompt_tokens_cached_total (\S+)$", metrics, re.M)[1])
+        assert total == hit + shared
+    finally:
+        for live in servers.values():
+            live.stop()
+
+
 def test_deployed_model_is_reloaded_after_a_promotion(bundled, tmp_path):
     pointer = tmp_path / "deployed" / "default" / "current.json"
     first, second = tmp_path / "a.gguf", tmp_path / "b.gguf"

@@ -322,9 +322,9 @@ async def _collect(request: Any, events: asyncio.Queue, reply: Reply, opts: Opti
         elif event[0] == "error":
             raise Refusal(500, event[1], "generation_failed")
         else:
-            _, reason, prompt, completion = event
+            _, reason, prompt, completion, cached = event
             text, calls = split_calls("".join(parts), opts.tools)
-            return reply.whole(text, entries, reason, usage(prompt, completion), calls)
+            return reply.whole(text, entries, reason, usage(prompt, completion, cached), calls)
 
 
 async def _sse(
@@ -350,7 +350,7 @@ async def _sse(
                 yield data({"error": {"message": event[1], "type": "server_error"}})
                 return
             else:
-                _, reason, prompt, completion = event
+                _, reason, prompt, completion, cached = event
                 tail, found = calls.finish() if calls else ("", [])
                 if tail:
                     yield data(reply.chunk(tail, []))
@@ -359,7 +359,7 @@ async def _sse(
                 reason = "tool_calls" if found and reason == "stop" else reason
                 yield data(reply.chunk("", [], reason))
                 if opts.include_usage:
-                    yield data(reply.usage_chunk(usage(prompt, completion)))
+                    yield data(reply.usage_chunk(usage(prompt, completion, cached)))
                 yield "data: [DONE]\n\n"
                 return
     finally:

@@ -4,7 +4,10 @@ On a CPU, decoding one token for one request is bound by reading every weight on
 decoding one token for each of 16 requests in the same `llama_decode` call reads them once
 too, so 16 users cost far less than 16 times one. One thread owns the context and loops:
 
-1. admit waiting jobs into free sequence slots (the lowest free slot first);
+1. admit waiting jobs into free sequence slots: the slot whose kept KV cells share the
+   longest start with the job's prompt (`serve.cache_prompt`: the previous turn of the
+   same chat, or a system prompt others sent), else the lowest free slot; only the rest
+   of the prompt is decoded;
 2. drop jobs whose client went away, freeing their KV cells at once;
 3. build one batch: the last sampled token of every generating job, then up to
    `serve.prefill_chunk` prompt tokens of jobs still reading their prompt, oldest first, so
@@ -50,6 +53,7 @@ class Engine:
 
         self.path, self.metrics = path, metrics
         self.slots, self.chunk = cfg.max_concurrent, cfg.prefill_chunk
+        self.cache_prompt = cfg.cache_prompt
         self.tokenizer = load_vocab(path)  # tokenize + chat template; a few MiB
         self.formatter = chat_formatter(self.tokenizer)
         self.model = lc.llama_model_load_from_file(
@@ -81,6 +85,7 @@ class Engine:
         self.waiting: deque[Job] = deque()  # guarded by `cond`
         self.active: dict[int, Job] = {}  # slot → job; the decode thread's alone
         self.free = list(range(self.slots))  # a heap: the lowest free slot first
+        self.kept: dict[int, list[int]] = {}  # free slot → the tokens its KV cells hold
         self.cond = threading.Condition()
         self.closing = self.stopped = False
         self.thread = threading.Thread(target=self._run, name="llmft-decode", daemon=True)
@@ -148,7 +153,7 @@ class Engine:
             except Exception as exc:  # every job inside learns of it; the loop goes on
                 log.exception("decode step failed")
                 for job in list(self.active.values()):
-                    self._release(job)
+                    self._release(job, keep=False)  # what its cells hold is not known
                     job.fail(f"generation failed: {exc}")
         lc.llama_batch_free(self.batch)
         lc.llama_free(self.ctx)
@@ -161,8 +166,32 @@ class Engine:
             self.waiting = deque(j for j in self.waiting if not j.cancelled)
         while self.waiting and self.free:
             job = self.waiting.popleft()
-            job.seq = heapq.heappop(self.free)
+            job.seq, job.pos = self._slot_for(job.prompt)
+            job.cached = job.pos
+            if job.cached and self.metrics is not None:
+                self.metrics.cached_tokens.inc(job.cached)
             self.active[job.seq] = job
+
+    def _slot_for(self, prompt: list[int]) -> tuple[int, int]:
+        """A free slot for `prompt` and how many of its KV cells the job keeps: the slot
+        whose kept tokens share the longest start with the prompt (the lowest on a tie, so
+        busy slots stay together), all but the prompt's last token at most (its logits
+        give the first answer token)."""
+        slot, common = self.free[0], 0  # the heap's head: the lowest free slot
+        if self.cache_prompt:
+            for free in self.free:
+                n = _common_start(self.kept.get(free, ()), prompt)
+                if n > common or (n == common and n and free < slot):
+                    slot, common = free, n
+        self.free.remove(slot)
+        heapq.heapify(self.free)
+        keep = min(common, len(prompt) - 1)
+        if self.kept.pop(slot, None) is not None and not lc.llama_memory_seq_rm(
+            self.memory, slot, keep, -1
+        ):  # a memory that cannot drop a tail (recurrent models): start over
+            lc.llama_memory_seq_rm(self.memory, slot, -1, -1)
+            keep = 0
+        return slot, keep
 
     def _step(self) -> None:
         for job in [j for j in self.active.values() if j.cancelled]:
@@ -180,6 +209,7 @@ class Engine:
             job = self.active[seq]
             if not job.prefilling:
                 tokens = [job.next_token]
+                job.decoded.append(job.next_token)
             elif seq in take:
                 tokens = job.prompt[job.pos : job.pos + take[seq]]
             else:
@@ -231,12 +261,28 @@ class Engine:
         alternatives = [(int(t), float(logits[t]) - norm) for t in best]
         return token, float(logits[token]) - norm, alternatives
 
-    def _release(self, job: Job) -> None:
+    def _release(self, job: Job, keep: bool = True) -> None:
+        """Free the job's slot; its KV cells stay for a later prompt that starts the same
+        (a finished answer, or a client that went away: the cells are valid either way)."""
         self.active.pop(job.seq, None)
-        lc.llama_memory_seq_rm(self.memory, job.seq, -1, -1)
+        if keep and self.cache_prompt and job.pos:
+            self.kept[job.seq] = (job.prompt + job.decoded)[: job.pos]
+        else:
+            lc.llama_memory_seq_rm(self.memory, job.seq, -1, -1)
+            self.kept.pop(job.seq, None)
         heapq.heappush(self.free, job.seq)
         lc.llama_sampler_free(job.sampler)
         job.sampler = None
 
     def piece(self, token: int) -> bytes:
         return self.pieces.get(token) or piece_of(self.vocab, token)
+
+
+def _common_start(a: Any, b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -88,7 +88,7 @@ class Job:
     """A request inside the engine: prompt tokens in, text and a finish reason out.
 
     `emit` receives ("delta", text, logprobs), then exactly one ("done", reason,
-    prompt_tokens, completion_tokens) or ("error", message).
+    prompt_tokens, completion_tokens, cached_prompt_tokens) or ("error", message).
     """
 
     def __init__(
@@ -110,7 +110,9 @@ class Job:
         self.sampler: Any = None  # made by the engine, which owns the vocabulary
         self.seq = -1  # the engine's sequence slot while admitted
         self.pos = 0  # tokens of this sequence in the KV cache
+        self.cached = 0  # prompt tokens found in the slot's KV cache, not decoded again
         self.next_token: int | None = None  # sampled, not yet decoded
+        self.decoded: list[int] = []  # generated tokens decoded into the KV cache
         self.generated = 0
         self.finished = False
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
@@ -146,7 +148,7 @@ class Job:
             self.emit(("delta", tail, self._held_logprobs))
             self._held_logprobs = []
         self.finished = True
-        self.emit(("done", reason, len(self.prompt), self.generated))
+        self.emit(("done", reason, len(self.prompt), self.generated, self.cached))
         return reason
 
     def fail(self, message: str) -> None:

@@ -40,6 +40,11 @@ class Metrics:
             registry=r,
         )
         self.prompt_tokens = Counter("llmft_prompt_tokens", "Prompt tokens admitted.", registry=r)
+        self.cached_tokens = Counter(
+            "llmft_prompt_tokens_cached",
+            "Prompt tokens found in a slot's KV cache (serve.cache_prompt), not decoded again.",
+            registry=r,
+        )
         self.generated_tokens = Counter("llmft_generated_tokens", "Tokens generated.", registry=r)
         self.ttft = Histogram(
             "llmft_time_to_first_token_seconds",
