@@ -70,6 +70,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.train_table import table  # noqa: E402
 
 _LLAMA = dict(rms_norm_eps=1e-5, head_dim=64, max_position_embeddings=8192)
 MODELS = {
@@ -173,12 +174,12 @@ def write_tokens(records: list[dict], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     ints = pa.list_(pa.int32())
     for split, rows in (("train", records), ("dev", [])):
-        table = pa.table(
+        data = pa.table(
             {k: pa.array([r[k] for r in rows], type=ints) for k in ("input_ids", "labels")}
         )
         path = str(folder / f"{split}.arrow")
-        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, data.schema) as writer:
+            writer.write_table(data)
 
 
 def make_model(name: str, folder: Path, tokenizer_dir: Path) -> None:
@@ -360,60 +361,6 @@ def measure(impl: str, row: dict, args) -> dict:
 # ----------------------------------------------------------------------------- table
 
 
-AGREE = (0.8, 1.25)  # wall/own outside this: the processes' start-up spread swamped the span
-
-
-def settled(r: dict) -> bool:
-    return r["own"] > 0 and AGREE[0] <= r["tokens_per_second"] / r["own"] <= AGREE[1]
-
-
-def table(results: list[dict], ceiling: dict) -> str:
-    """Both figures per row, and the ratios and MFU by each. `wall` is the outside
-    figure; where it disagrees with `own` beyond AGREE (or is negative), the two processes
-    were too few seconds apart for their start-up spread, and the row says `unsettled`."""
-    head = (
-        f"{'row':<10} {'impl':<9} {'wall tok/s':>10} {'own tok/s':>9} {'wall/own':>9} "
-        f"{'MFU wall':>8} {'MFU own':>7} {'x peer wall':>11} {'x peer own':>10} "
-        f"{'peak GiB':>8} {'loss@1':>8} {'loss@k':>8} {'k':>3} {'steps: wall s':>19}"
-    )
-    lines = [head, "-" * len(head)]
-    for name in dict.fromkeys(r["row"] for r in results):
-        rows = [r for r in results if r["row"] == name]
-        peers = [r for r in rows if r["impl"] != "llmft" and not r.get("error")]
-        # the loss after the same step for every tool: the last step they all ran
-        k = min((len(r["losses"]) for r in rows if not r.get("error")), default=0)
-        best = {  # the fastest peer by each figure; by `wall` only where it settled
-            "own": max((r["own"] for r in peers if r["own"] > 0), default=None),
-            "tokens_per_second": max(
-                (r["tokens_per_second"] for r in peers if settled(r)), default=None
-            ),
-        }
-        for r in rows:
-            if r.get("error"):
-                lines.append(f"{name:<10} {r['impl']:<9} {r['error'][:110]}")
-                continue
-            wall, own = r["tokens_per_second"], r["own"]
-
-            def mfu(tps: float, r: dict = r) -> str:
-                return f"{100 * tps * r['c'] * r['N'] / (ceiling['matmul_tflops'] * 1e12):.1f}%"
-
-            def ratio(tps: float, k: str, best: dict = best) -> str:
-                return f"{tps / best[k]:.2f}x" if best[k] and tps > 0 else "-"
-
-            losses = r["losses"]
-            walls = f"{r['short']}/{r['long']}: {r['wall_short']:.1f}/{r['wall_long']:.1f}"
-            lines.append(
-                f"{name:<10} {r['impl']:<9} {wall:>10.0f} {own:>9.0f} "
-                f"{(f'{wall / own:.2f}' if settled(r) else 'unsettled'):>9} "
-                f"{mfu(wall) if wall > 0 else '-':>8} {mfu(own):>7} "
-                f"{ratio(wall, 'tokens_per_second') if settled(r) else '-':>11} {ratio(own, 'own'):>10} "
-                f"{r['peak_gib']:>8.2f} {losses[0]:>8.4f} {losses[k - 1]:>8.4f} {k:>3} {walls:>19}"
-            )
-    lines.append("")
-    lines += [f"{'(all rows)':<10} {k:<9} {v}" for k, v in NOT_RUN.items()]
-    return "\n".join(lines)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -446,7 +393,7 @@ def main() -> None:
     results: list[dict] = [r for r in state.get("results", []) if not r.get("error")]
     print(f"ceilings: {ceiling}", flush=True)
     if args.table:
-        return print(table(results, ceiling))
+        return print(table(results, ceiling, NOT_RUN))
 
     # a fixed number of records (not one epoch of --long steps): the epoch's order, so each
     # step's records, stay the same whatever step counts a run (or a resumed one) asks for
@@ -483,7 +430,7 @@ def main() -> None:
             text = json.dumps({"ceiling": ceiling, "results": results}, indent=1)
             saved.write_text(text)
             (out / "results.json").write_text(text)
-    text = table(results, ceiling)
+    text = table(results, ceiling, NOT_RUN)
     (out / "table.txt").write_text(text + "\n")
     print(
         f"\nbf16 matmul ceiling {ceiling['matmul_tflops']} TFLOP/s, copy {ceiling['copy_gbs']} GB/s"
