@@ -59,9 +59,13 @@ def find_gguf(arg: str | None) -> Path:
         (REPO / "artifacts" / "export").glob("*/result.json"), key=lambda p: p.stat().st_mtime
     )
     for result in reversed(results):
-        served = json.loads(result.read_text()).get("served")
-        if served and Path(served).is_file() and (result.parent / "manifest.json").is_file():
-            return Path(served)
+        served = json.loads(result.read_text()).get("served")  # a name in the export's folder
+        if (
+            served
+            and (result.parent / served).is_file()
+            and (result.parent / "manifest.json").is_file()
+        ):
+            return result.parent / served
     from tasks.base import bundled_gguf
 
     return bundled_gguf("bundled:smollm2-135m-instruct")
