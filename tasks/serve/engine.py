@@ -8,7 +8,7 @@ too, so 16 users cost far less than 16 times one. One thread owns the context an
    longest start with the job's prompt (`serve.cache_prompt`: the previous turn of the
    same chat, or a system prompt others sent), else the lowest free slot; only the rest
    of the prompt is decoded;
-2. drop jobs whose client went away, freeing their KV cells at once;
+2. drop jobs whose client went away, freeing their slots at once;
 3. build one batch: the last sampled token of every generating job, then up to
    `serve.prefill_chunk` prompt tokens of jobs still reading their prompt, oldest first, so
    a long prompt is spread over several steps instead of stalling everyone's next token;
