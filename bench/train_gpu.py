@@ -231,7 +231,7 @@ def llmft_command(row: dict, steps: int, work: Path, args) -> tuple[list[str], P
         batch_size=BATCH, grad_accum=ACCUM, max_steps=steps, learning_rate=LR[method],
         scheduler="constant", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
         logging_steps=1, save_steps=10_000, precision="auto", device="auto", seed=SEED,
-        gradient_checkpointing=method == "qlora",
+        gradient_checkpointing=method == "qlora", offload_checkpoints=method == "qlora",
     )  # fmt: skip
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)

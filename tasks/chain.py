@@ -13,7 +13,7 @@ train section, never `then` itself: the first stage's key cannot move when only 
 changes, and the second's key holds the first's result through its starting model's key.
 
 Shared by the config (validation), the pipeline (wiring) and the train stage's docs; the
-config section itself is tasks/config.py's `TrainConfig.then`.
+config section itself is tasks/train_sections.py's `TrainConfig.then`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The config sections of the stages other than training (data, base, evaluate, export,
-serve, pipeline), the shared `Section` base and the errors a user can fix; tasks/config.py
-holds the train section, the whole `Config` and its loading."""
+serve, pipeline), the shared `Section` base and the errors a user can fix;
+tasks/train_sections.py holds the train section, tasks/config.py the whole `Config` and its
+loading."""
 
 from __future__ import annotations
 

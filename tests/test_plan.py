@@ -90,3 +90,18 @@ def test_cli_plan_for_the_default_config(capsys):
     assert main(["plan", "--gpu-gib", "16"]) == 0
     out = capsys.readouterr().out
     assert "134.5M parameters" in out and "← this config" in out
+
+
+def test_offloaded_checkpoints_leave_two_layer_inputs_on_the_gpu(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(ONE_B))
+    base = [f"base.model={tmp_path}", "train.method=qlora", "train.gradient_checkpointing=true"]
+    kept = rows_by(plan.plan(load_config(None, base), gpus=1)[2])["qlora", "none"]
+    cfg = load_config(None, [*base, "train.offload_checkpoints=true"])
+    moved = rows_by(plan.plan(cfg, gpus=1)[2])["qlora", "none"]
+    t = cfg.train
+    tokens = t.batch_size * t.cutoff_len
+    # 14 of the 16 layer inputs (2 bytes × hidden 2048 each per token) leave the GPU
+    assert kept.activations - moved.activations == tokens * 2 * 2048 * 14
+    assert moved.cpu - kept.cpu == tokens * 2 * 2048 * 16  # all 16 wait in host memory
+    plan.print_plan(cfg, gpu_gib=24, num_gpus=1)
+    assert "checkpointing on, inputs offloaded to CPU" in capsys.readouterr().out

@@ -195,6 +195,8 @@ def oom_message(t: TrainConfig, marker: Path) -> str:
         fixes.append(f"--set train.cutoff_len={t.cutoff_len // 2}")
     if not t.gradient_checkpointing:
         fixes.append("--set train.gradient_checkpointing=true")
+    elif not t.offload_checkpoints:
+        fixes.append("--set train.offload_checkpoints=true")
     return (
         f"training ran out of memory at train.batch_size={t.batch_size}, "
         f"train.cutoff_len={t.cutoff_len}, "

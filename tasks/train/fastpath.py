@@ -19,6 +19,7 @@ the switch behind each (`train.*` in the config) and where they run:
 | fused AdamW                                              | always                 | CUDA    |
 | torch.compile of the model                               | `compile` (off)        | all     |
 | gradient checkpointing                                   | `gradient_checkpointing`, or on by itself when the estimate says the batch won't fit | all |
+| ... its saved layer inputs in pinned CPU memory (offload.py) | `offload_checkpoints` | CUDA |
 
 The kernels are plain PyTorch where no CUDA is needed, so a CPU run (and `make test`)
 goes through the same code as a GPU run; only flash, Liger and fused AdamW are CUDA's.
@@ -36,6 +37,7 @@ from typing import Any
 
 import torch
 
+from tasks.train import offload
 from tasks.train.kernels import (
     ATTN_NAME,
     flash_varlen_ok,
@@ -68,6 +70,7 @@ class Plan:
     # the loss's matmul dtype when it runs outside autocast (accelerate autocasts only the
     # model's forward and hands back fp32 outputs); None: the hidden states' own dtype
     compute_dtype: str | None = None
+    offload_checkpoints: bool = False  # the checkpointed layer inputs wait in host memory
 
     def describe(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in asdict(self).items())
@@ -108,6 +111,7 @@ def make_plan(
         fused_adamw=cuda and not deepspeed,
         compile=bool(train_cfg.compile),
         gradient_checkpointing=bool(train_cfg.gradient_checkpointing),
+        offload_checkpoints=cuda and bool(train_cfg.offload_checkpoints),
         token_budget=train_cfg.batch_size * train_cfg.cutoff_len,
         compute_dtype=_precision_dtype(train_cfg.precision, dev),
     )
@@ -225,6 +229,10 @@ def prepare(
         unwrap(model).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
+    if plan.offload_checkpoints:
+        plan.offload_checkpoints = offload.install(model, device) is not None
+        if not plan.offload_checkpoints:
+            log.warning("train.offload_checkpoints: no layer of this model checkpoints; off")
     log.info("training plan: %s", plan.describe())
     return plan
 

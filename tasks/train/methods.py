@@ -72,7 +72,7 @@ def _matches(target: str, modules: set[str]) -> bool:
 def check(cfg: TrainConfig, model_dir: Path) -> list[str]:
     """Problems of the method's settings against this model (empty: fine). What the config
     alone or the machine decides (qlora needs CUDA, ...) is checked when the config is
-    loaded: tasks/config.py `train_problems`, `machine_problems`."""
+    loaded: tasks/train_sections.py `train_problems`, tasks/machine.py `machine_problems`."""
     problems = []
     if cfg.method in ("lora", "qlora"):
         targets = target_modules(cfg)

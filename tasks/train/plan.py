@@ -22,7 +22,8 @@ what peft itself creates. Then, per GPU, in bytes (N parameters, T of them train
         per layer 7·h + 3·kv + 4·i values (norm in/out twice, q k v, rotated q k, attention
         output, MLP gate, up, act(gate), act·up), × 2 bytes, × layers
         + 10·V bytes for the logits (bf16 logits, their fp32 copy, the fp32 gradient)
-        with gradient checkpointing: 2·h bytes per layer (each layer's input) + one layer
+        with gradient checkpointing: 2·h bytes per layer (each layer's input) + one layer;
+        its inputs offloaded (offload_checkpoints): two layers' inputs, the rest in CPU RAM
     + 1 GiB for the CUDA context and allocator slack.
 qlora with ZeRO-3 is not offered: 4-bit weights cannot be partitioned.
 """
@@ -141,12 +142,21 @@ def meta_model(config: Any, cfg: Config, method: str) -> tuple[Shape, int]:
     return shape, trainable
 
 
-def activation_bytes(shape: Shape, tokens: int, checkpointing: bool) -> float:
+def activation_bytes(
+    shape: Shape, tokens: int, checkpointing: bool, offload: bool = False
+) -> float:
     per_layer = 2 * (7 * shape.hidden + 3 * shape.kv + 4 * shape.intermediate)
     logits = 10 * shape.vocab
     if checkpointing:
-        return tokens * (2 * shape.hidden * shape.layers + per_layer + logits)
+        # offloaded, two inputs are on the GPU: the one in backward and the prefetched one
+        kept = min(2, shape.layers) if offload else shape.layers
+        return tokens * (2 * shape.hidden * kept + per_layer + logits)
     return tokens * (per_layer * shape.layers + logits)
+
+
+def offloaded_bytes(shape: Shape, tokens: int) -> float:
+    """Host memory the offloaded layer inputs take (pinned)."""
+    return tokens * 2 * shape.hidden * shape.layers
 
 
 def estimate(method: str, setup: str, shape: Shape, trained: int, cfg: Config, gpus: int) -> Row:
@@ -165,17 +175,22 @@ def estimate(method: str, setup: str, shape: Shape, trained: int, cfg: Config, g
     else:
         frozen = 2.0 * n
     tokens = cfg.train.batch_size * cfg.train.cutoff_len
-    act = activation_bytes(shape, tokens, cfg.train.gradient_checkpointing)
+    checkpointing = cfg.train.gradient_checkpointing
+    offload = checkpointing and cfg.train.offload_checkpoints
+    act = activation_bytes(shape, tokens, checkpointing, offload)
+    host = offloaded_bytes(shape, tokens) if offload else 0.0
     working_set = 2 * 2 * shape.largest_layer
     if setup == "none":
-        return Row(method, setup, frozen + 4 * t, 4 * t, 8 * t, act, 0)
+        return Row(method, setup, frozen + 4 * t, 4 * t, 8 * t, act, host)
     if setup == "zero2":
-        return Row(method, setup, frozen + 2 * t, 2 * t / g, 12 * t / g, act, 0)
+        return Row(method, setup, frozen + 2 * t, 2 * t / g, 12 * t / g, act, host)
     if setup == "zero2+offload":
-        return Row(method, setup, frozen + 2 * t, 0, 0, act, 16 * t)
+        return Row(method, setup, frozen + 2 * t, 0, 0, act, host + 16 * t)
     if setup == "zero3":
-        return Row(method, setup, (frozen + 2 * t) / g + working_set, 2 * t / g, 12 * t / g, act, 0)
-    return Row(method, setup, working_set, 0, 0, act, 16 * t + frozen + 2 * t)
+        return Row(
+            method, setup, (frozen + 2 * t) / g + working_set, 2 * t / g, 12 * t / g, act, host
+        )
+    return Row(method, setup, working_set, 0, 0, act, host + 16 * t + frozen + 2 * t)
 
 
 def configured_setup(cfg: Config) -> str:
@@ -197,6 +212,12 @@ def plan(cfg: Config, gpus: int = 1) -> tuple[Shape, dict[str, int], list[Row]]:
     return shape, trained, rows
 
 
+def checkpointing_words(t: Any) -> str:
+    if not t.gradient_checkpointing:
+        return "off"
+    return "on, inputs offloaded to CPU" if t.offload_checkpoints else "on"
+
+
 def _gib(x: float) -> str:
     return f"{x / GIB:.2f}"
 
@@ -211,7 +232,7 @@ def print_plan(cfg: Config, gpu_gib: float, num_gpus: int) -> None:
     )
     print(
         f"micro-batch {t.batch_size} × {t.cutoff_len} = {tokens} tokens, bf16, gradient "
-        f"checkpointing {'on' if t.gradient_checkpointing else 'off'}; {num_gpus} GPU(s) of "
+        f"checkpointing {checkpointing_words(t)}; {num_gpus} GPU(s) of "
         f"{gpu_gib:g} GiB; GiB per GPU (CPU: host RAM for offload)"
     )
     print("trained: " + ", ".join(f"{m} {trained[m] / 1e6:.2f}M" for m in METHODS))
