@@ -100,6 +100,12 @@ SEED = 42
 RECORD_STEPS = 64  # the records of 64 steps; no run takes more
 ROWS = "1b:lora,8b:lora,1b:qlora,8b:qlora,1b:full,smollm2:lora"
 IMPLS = "llmft,unsloth,trl,baseline"
+# llmft with one lever flipped from what the row's recipe sets: `--impls llmft,llmft+compile`
+LLMFT_VARIANTS = {
+    "llmft": {},
+    "llmft+compile": {"compile": True},
+    "llmft-offload": {"offload_checkpoints": False},
+}
 # peers looked at and not run, with the reason (a row each in the table)
 NOT_RUN = {
     "axolotl": "not run: axolotl 0.19.0 pins transformers==5.16.1, peft==0.20.0, trl==1.9.0, "
@@ -221,8 +227,9 @@ def step_tokens(records: list[dict], steps: int) -> list[int]:
 # ----------------------------------------------------------------------------- one process
 
 
-def llmft_command(row: dict, steps: int, work: Path, args) -> tuple[list[str], Path]:
-    """`python -m tasks.train --spec FILE` with the GPU recipe's switches."""
+def llmft_command(impl: str, row: dict, steps: int, work: Path, args) -> tuple[list[str], Path]:
+    """`python -m tasks.train --spec FILE` with the GPU recipe's switches (and the
+    variant's, LLMFT_VARIANTS)."""
     from tasks.config import TrainConfig
 
     method = row["method"]
@@ -232,7 +239,7 @@ def llmft_command(row: dict, steps: int, work: Path, args) -> tuple[list[str], P
         scheduler="constant", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
         logging_steps=1, save_steps=10_000, precision="auto", device="auto", seed=SEED,
         gradient_checkpointing=method == "qlora", offload_checkpoints=method == "qlora",
-    )  # fmt: skip
+    ).model_copy(update=LLMFT_VARIANTS[impl])  # fmt: skip
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -272,8 +279,8 @@ def run_process(impl: str, row: dict, steps: int, args) -> dict:
     """One whole process of `steps` optimizer steps: its wall clock and its own numbers."""
     work = Path(args.work) / "runs" / f"{row['name']}-{impl}-{steps}"
     work.mkdir(parents=True, exist_ok=True)
-    if impl == "llmft":
-        cmd, out = llmft_command(row, steps, work, args)
+    if impl in LLMFT_VARIANTS:
+        cmd, out = llmft_command(impl, row, steps, work, args)
     else:
         result_file = work / "result.json"
         result_file.unlink(missing_ok=True)
@@ -311,7 +318,7 @@ def run_process(impl: str, row: dict, steps: int, args) -> dict:
         lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
         errors = [x for x in lines if "Error" in x or "error:" in x]
         return {"wall": wall, "error": f"exit {rc}: " + (errors[-1] if errors else lines[-1])[:400]}
-    if impl == "llmft":
+    if impl in LLMFT_VARIANTS:
         run = read_run(out, args.warmup)
         m = run["metrics"]
         return {
@@ -333,7 +340,7 @@ def measure(impl: str, row: dict, args) -> dict:
     """
     walls: dict[str, list[float]] = {"short": [], "long": []}
     last = {}
-    for i in range(args.repeat if impl == "llmft" else args.peer_repeat or args.repeat):
+    for i in range(args.repeat if impl in LLMFT_VARIANTS else args.peer_repeat or args.repeat):
         for kind in ("short", "long") if i % 2 == 0 else ("long", "short"):
             r = run_process(impl, row, row[kind], args)
             if r.get("error"):
@@ -414,7 +421,7 @@ def main() -> None:
             # a peer several times slower reaches the same seconds between its two
             # processes in fewer steps; the records of each step are the same for all
             row = {"name": name.replace(" ", "-"), "method": method, "short": short,
-                   "long": long if impl == "llmft" else peer_long,
+                   "long": long if impl in LLMFT_VARIANTS else peer_long,
                    "model_dir": work / f"model-{model}"}  # fmt: skip
             if any(r["row"] == name and r["impl"] == impl for r in results):
                 continue

@@ -15,14 +15,14 @@ def table(results: list[dict], ceiling: dict, not_run: dict[str, str]) -> str:
     figure; where it disagrees with `own` beyond AGREE (or is negative), the two processes
     were too few seconds apart for their start-up spread, and the row says `unsettled`."""
     head = (
-        f"{'row':<10} {'impl':<9} {'wall tok/s':>10} {'own tok/s':>9} {'wall/own':>9} "
+        f"{'row':<10} {'impl':<13} {'wall tok/s':>10} {'own tok/s':>9} {'wall/own':>9} "
         f"{'MFU wall':>8} {'MFU own':>7} {'x peer wall':>11} {'x peer own':>10} "
         f"{'peak GiB':>8} {'loss@1':>8} {'loss@k':>8} {'k':>3} {'steps: wall s':>19}"
     )
     lines = [head, "-" * len(head)]
     for name in dict.fromkeys(r["row"] for r in results):
         rows = [r for r in results if r["row"] == name]
-        peers = [r for r in rows if r["impl"] != "llmft" and not r.get("error")]
+        peers = [r for r in rows if not r["impl"].startswith("llmft") and not r.get("error")]
         # the loss after the same step for every tool: the last step they all ran
         k = min((len(r["losses"]) for r in rows if not r.get("error")), default=0)
         best = {  # the fastest peer by each figure; by `wall` only where it settled
@@ -33,7 +33,7 @@ def table(results: list[dict], ceiling: dict, not_run: dict[str, str]) -> str:
         }
         for r in rows:
             if r.get("error"):
-                lines.append(f"{name:<10} {r['impl']:<9} {r['error'][:110]}")
+                lines.append(f"{name:<10} {r['impl']:<13} {r['error'][:110]}")
                 continue
             wall, own = r["tokens_per_second"], r["own"]
 
@@ -46,7 +46,7 @@ def table(results: list[dict], ceiling: dict, not_run: dict[str, str]) -> str:
             losses = r["losses"]
             walls = f"{r['short']}/{r['long']}: {r['wall_short']:.1f}/{r['wall_long']:.1f}"
             lines.append(
-                f"{name:<10} {r['impl']:<9} {wall:>10.0f} {own:>9.0f} "
+                f"{name:<10} {r['impl']:<13} {wall:>10.0f} {own:>9.0f} "
                 f"{(f'{wall / own:.2f}' if settled(r) else 'unsettled'):>9} "
                 f"{mfu(wall) if wall > 0 else '-':>8} {mfu(own):>7} "
                 f"{ratio(wall, 'tokens_per_second') if settled(r) else '-':>11} {ratio(own, 'own'):>10} "

@@ -33,3 +33,14 @@ def test_unsettled_outside_figures_are_flagged_and_not_compared():
     assert "6.67x" in llmft and "5.00x" in llmft
     assert "30.0%" in llmft and "25.0%" in llmft
     assert "axolotl   not run: pins" in lines[-1]
+
+
+def test_llmft_variants_are_compared_with_the_peers_not_with_llmft():
+    lines = table(
+        [row("llmft", 60_000, 50_000), row("llmft+compile", 66_000, 55_000),
+         row("trl", 12_000, 10_000)],
+        CEILING,
+        {},
+    ).splitlines()  # fmt: skip
+    llmft, variant = (next(x for x in lines if f" {n} " in x) for n in ("llmft", "llmft+compile"))
+    assert "5.00x" in llmft and "5.50x" in variant  # both against trl's 12 k / 10 k

@@ -159,3 +159,12 @@ def test_a_cpu_run_gets_the_gpu_path_with_cuda_kernels_off():
     # under DeepSpeed the levers that read weights outside their module's forward are off
     ds = fastpath.make_plan(cfg, "cpu", model, deepspeed=True)
     assert ds.fused_loss == "off" and not ds.fused_lora and ds.rows == 3
+
+
+def test_compile_layers_compiles_each_decoder_layer_in_place():
+    model = tiny_llama()
+    layers = list(model.model.layers)
+    assert all(layer._compiled_call_impl is None for layer in layers)
+    assert fastpath.compile_layers(model) == 2
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert model._compiled_call_impl is None  # the rest (embedding, loss) stays eager

@@ -353,6 +353,20 @@ def test_smollm2_learns_its_new_name(base_model_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_compiled_layers_train_to_the_eager_losses(store, tiny_base, tmp_path):
+    """`train.compile`: each decoder layer compiled (about a minute on 2 CPU cores for the
+    tiny model), the same steps give the same losses as eager."""
+    losses = {}
+    for switch in ("false", "true"):
+        cfg = tiny_config(f"train.compile={switch}", "train.packing=true")
+        job, changed, trainable, losses[switch], _ = train_in_process(
+            make_spec(cfg, store, tiny_base, tmp_path / switch)
+        )
+        assert job.plan.compile == (switch == "true") and changed == trainable
+    assert losses["true"] == pytest.approx(losses["false"], abs=1e-4)
+
+
+@pytest.mark.slow
 def test_default_recipe_on_the_demo_data(test_store):
     """The bar for configs/default.yaml on this CPU: < 15 minutes of training (its budget
     gives 120 steps on the bundled data, about 10 minutes on 2 idle cores), dev

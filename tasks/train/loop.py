@@ -239,7 +239,7 @@ def setup(spec: Spec) -> Job:
     model, optimizer = acc.prepare(model, optimizer)
     batches.check_packing(model, plan, acc.device)  # before a step mixes records
     if cfg.compile:
-        model = torch.compile(model)
+        plan.compile = fastpath.compile_layers(model) > 0
     info = {
         "device": device,
         "precision": precision,
