@@ -31,6 +31,8 @@ off for every tool. Implementations:
 
 - llmft: `python -m tasks.train --spec FILE`, the training stage exactly as a GPU worker
   runs it (packing on, liger auto);
+- llmft+compile, llmft-offload, llmft+half-mb: the same with one switch changed
+  (LLMFT_VARIANTS), to measure what a lever buys; compared with the peers, not with llmft;
 - baseline, trl, unsloth: bench/peers.py (what each runs is written there and in the
   JSON results: versions and settings).
 
@@ -105,6 +107,8 @@ LLMFT_VARIANTS = {
     "llmft": {},
     "llmft+compile": {"compile": True},
     "llmft-offload": {"offload_checkpoints": False},
+    # the same 32 records a step in micro-batches of half the tokens: memory before speed
+    "llmft+half-mb": {"batch_size": BATCH // 2, "grad_accum": ACCUM * 2},
 }
 # peers looked at and not run, with the reason (a row each in the table)
 NOT_RUN = {
