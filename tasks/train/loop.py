@@ -313,12 +313,13 @@ def train_job(spec: Spec) -> dict[str, Any]:
         "train_loss": train_losses[-1] if train_losses else None,
         "steps": state["step"],
         "trained_tokens": state["tokens"],
-        # the steps' tokens over the steps' time: evaluating and saving are counted apart
+        # the steps' tokens over the steps' time: evaluating and saving are counted apart;
+        # times to 4 decimals as in the log: the three parts then add up to the whole
         "tokens_per_second": round(state["tokens"] / max(state["step_seconds"], 1e-9), 1),
-        "step_seconds": round(state["step_seconds"], 2),
-        "eval_seconds": round(state["eval_seconds"], 2),
-        "save_seconds": round(state["save_seconds"], 2),
-        "train_wall_seconds": round(state["train_wall_seconds"], 2),  # the three, end to end
+        "step_seconds": round(state["step_seconds"], 4),
+        "eval_seconds": round(state["eval_seconds"], 4),
+        "save_seconds": round(state["save_seconds"], 4),
+        "train_wall_seconds": round(state["train_wall_seconds"], 4),  # the three, end to end
         "wall_seconds": round(time.time() - started, 2),  # the job's, setup included
         "cpu_seconds": round(time.process_time(), 1),  # this process, all threads, since start
         "peak_gpu_memory_gib": None if peak is None else round(peak, 3),
