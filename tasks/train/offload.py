@@ -6,8 +6,8 @@ micro-batch that is 32 × 8192 × 4096 × 2 B = 2.1 GB, a quarter of a QLoRA run
 Here each input is copied to pinned host memory on a side stream as soon as its layer
 starts, and back to the GPU on the same stream one layer ahead of backward. A copy is
 64 MB there, ~1.3 ms at ~50 GB/s, beside ~12 ms of the layer's forward and ~36 ms of its
-recompute and backward: the copies overlap the compute. The GPU then holds two layer
-inputs (the one in backward and the prefetched one) instead of all of them.
+recompute and backward, so the copies can hide behind the compute. The GPU then holds
+two layer inputs (the one in backward and the prefetched one) instead of all of them.
 
 The hooks wrap torch's non-reentrant checkpoint, which saves a layer's tensor arguments
 (here the hidden states; the rotary tables and masks travel as keyword arguments)
@@ -29,12 +29,11 @@ SMALL = 1 << 16  # bytes: a tensor below this (checkpoint's empty marker) stays 
 class _Saved:
     """One offloaded tensor: its host copy, and its way back."""
 
-    __slots__ = ("__weakref__", "device", "host", "ready", "gpu", "fetched", "used", "before")
+    __slots__ = ("__weakref__", "device", "host", "gpu", "fetched", "used", "before")
 
     def __init__(self, tensor: torch.Tensor, host: torch.Tensor) -> None:
         self.device = tensor.device
         self.host = host
-        self.ready: torch.cuda.Event | None = None  # the copy to the host is done
         self.gpu: torch.Tensor | None = None  # prefetched copy back, not yet handed out
         self.fetched: torch.cuda.Event | None = None
         self.used = False
@@ -70,7 +69,6 @@ class Offloader:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
                 host.copy_(tensor, non_blocking=True)
-                saved.ready = self.stream.record_event()
             tensor.record_stream(self.stream)
         else:
             host.copy_(tensor)
@@ -100,7 +98,7 @@ class Offloader:
 
     def _fetch(self, saved: _Saved) -> None:
         assert self.stream is not None
-        with torch.cuda.stream(self.stream):  # after the copy out: same stream
+        with torch.cuda.stream(self.stream):  # after the copy out: the same stream
             saved.gpu = saved.host.to(self.device, non_blocking=True)
             saved.fetched = self.stream.record_event()
 
