@@ -32,7 +32,7 @@ def tiny_lora(dropout: float):
     return get_peft_model(model, lora)
 
 
-def train_grads(model, batches, offloaded: bool, device: str = "cpu"):
+def train_grads(model, batches, offloaded: bool, device: str = "cpu", compiled: bool = False):
     """Loss and LoRA gradients of `batches` accumulated, checkpointing on."""
     model = copy.deepcopy(model).to(device)
     model.train()
@@ -40,6 +40,8 @@ def train_grads(model, batches, offloaded: bool, device: str = "cpu"):
         gradient_checkpointing_kwargs={"use_reentrant": False}
     )
     offloader = offload.install(model, device) if offloaded else None
+    if compiled:
+        assert fastpath.compile_layers(model) == LAYERS
     torch.manual_seed(1)  # the same dropout masks on both sides
     losses = []
     for ids in batches:
@@ -64,6 +66,18 @@ def test_offloaded_inputs_give_the_same_loss_and_gradients(dropout):
     for name, grad in grads.items():
         assert grad.abs().sum() > 0, name
         assert torch.equal(grad, kept[name]), name  # the same recompute from the same input
+
+
+def test_compiled_layers_offload_the_same_inputs_to_the_same_gradients():
+    """`train.compile` and `offload_checkpoints` together (a few seconds of compiling)."""
+    model = tiny_lora(0.0)
+    batches = [torch.randint(0, 1000, (1, 700))]
+    kept_losses, kept, _ = train_grads(model, batches, offloaded=False)
+    losses, grads, offloader = train_grads(model, batches, offloaded=True, compiled=True)
+    assert offloader.offloaded == LAYERS
+    assert losses == pytest.approx(kept_losses, abs=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, kept[name], rtol=1e-4, atol=1e-6)
 
 
 def test_pack_moves_the_layer_input_and_unpack_returns_its_values():
