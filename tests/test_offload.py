@@ -133,9 +133,12 @@ def test_offload_on_a_gpu_lowers_peak_memory_and_keeps_the_gradients():
         peaks[offloaded] = torch.cuda.max_memory_allocated()
     (kept_losses, kept, _), (losses, grads, offloader) = results[False], results[True]
     assert offloader.offloaded == 8 * 2
-    assert losses == kept_losses
+    # flash attention's backward adds in no fixed order on a GPU: equal within that noise;
+    # an input restored wrong or too early (a stream race) is far outside it
+    assert losses == pytest.approx(kept_losses, rel=1e-3)
     for name, grad in grads.items():
-        assert torch.equal(grad, kept[name]), name
+        error = (grad.float() - kept[name].float()).norm() / kept[name].float().norm()
+        assert error < 1e-2, (name, float(error))
     one_input = 8192 * 2048 * 2
     saved = peaks[False] - peaks[True]
     print(f"\npeak {peaks[False] / 2**20:.0f} MiB kept, {peaks[True] / 2**20:.0f} offloaded")
