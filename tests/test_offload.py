@@ -122,7 +122,8 @@ def test_offload_on_a_gpu_lowers_peak_memory_and_keeps_the_gradients():
         num_key_value_heads=4, vocab_size=2000, dtype="bfloat16",
     )  # fmt: skip
     base = LlamaForCausalLM(config).to(torch.bfloat16)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(base, lora)
     batches = [torch.randint(0, 2000, (1, 8192)) for _ in range(2)]
     peaks = {}
     results = {}
