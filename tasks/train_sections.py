@@ -154,6 +154,14 @@ class TrainConfig(Section):
         "auto", description="auto: bf16 on GPUs that support it, else fp16 on CUDA, fp32 on CPU."
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    gpu_memory_share: float = Field(
+        0.6,
+        gt=0,
+        le=0.95,
+        description="With packing on a GPU: the share of its memory that micro-batches are "
+        "sized to fill after weights, gradients and optimizer states. More: fewer, larger "
+        "micro-batches (fewer kernel launches per token); too much: out of memory.",
+    )
     offload_checkpoints: bool = Field(
         False,
         description="With gradient checkpointing on a GPU: each layer's saved input waits in "

@@ -168,3 +168,28 @@ def test_compile_layers_compiles_each_decoder_layer_in_place():
     assert fastpath.compile_layers(model) == 2
     assert all(layer._compiled_call_impl is not None for layer in layers)
     assert model._compiled_call_impl is None  # the rest (embedding, loss) stays eager
+
+
+def test_token_budget_fills_the_gpu_memory_share(monkeypatch):
+    """On a GPU (its size faked here) the budget is what the share holds after weights
+    and optimizer states, between a padded micro-batch and the whole step."""
+    from types import SimpleNamespace
+
+    model = tiny_llama()  # full fine-tuning: 4 + 12 bytes per parameter
+    params = sum(p.numel() for p in model.parameters())
+    per_token = fastpath.activation_bytes(model.config, 1)
+
+    def budget(gib: float, share: float, accum: int = 1000) -> int:
+        total = int(gib * 2**30)
+        monkeypatch.setattr(
+            torch.cuda, "get_device_properties", lambda _d: SimpleNamespace(total_memory=total)
+        )
+        cfg = TrainConfig(batch_size=4, cutoff_len=128, grad_accum=accum, gpu_memory_share=share)
+        return fastpath.token_budget(model, cfg, torch.device("cuda"))
+
+    assert budget(1, 0.6) == int((0.6 * 2**30 - 16 * params) / per_token)
+    assert budget(1, 0.8) > budget(1, 0.6) * 4 / 3 > 4 * 128
+    assert budget(1, 0.8, accum=2) == 4 * 128 * 2  # never beyond a step's worst case
+    assert budget(0.001, 0.6) == 4 * 128  # nor below a padded micro-batch
+    cfg = TrainConfig(batch_size=4, cutoff_len=128, gradient_checkpointing=True)
+    assert fastpath.token_budget(model, cfg, torch.device("cuda")) == 4 * 128  # memory first

@@ -166,8 +166,8 @@ def activation_bytes(config: Any, tokens: int) -> int:
 
 
 def token_budget(model: Any, train_cfg: Any, device: torch.device) -> int:
-    """Tokens per micro-batch: as many as 60% of the GPU holds after weights, gradients and
-    AdamW states, capped by a step's worst case (batch_size × grad_accum × cutoff_len),
+    """Tokens per micro-batch: as many as `gpu_memory_share` of the GPU (0.6 by default)
+    holds after weights, gradients and AdamW states, capped by a step's worst case (batch_size × grad_accum × cutoff_len),
     and never below batch_size × cutoff_len (what a padded micro-batch may hold). With
     gradient checkpointing asked for in the config, memory is the point: the floor.
 
@@ -183,7 +183,7 @@ def token_budget(model: Any, train_cfg: Any, device: torch.device) -> int:
     base = unwrap(model)
     weights = sum(p.numel() * p.element_size() for p in base.parameters())
     trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
-    spare = 0.6 * total - weights - 12 * trainable
+    spare = train_cfg.gpu_memory_share * total - weights - 12 * trainable
     fit = int(spare / max(1, activation_bytes(base.config, 1))) if spare > 0 else 0
     return max(floor, min(fit, floor * train_cfg.grad_accum))
 
