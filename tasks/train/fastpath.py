@@ -169,8 +169,8 @@ def token_budget(model: Any, train_cfg: Any, device: torch.device) -> int:
     """Tokens per micro-batch: as many as `gpu_memory_share` of the GPU (0.6 by default)
     holds after weights, gradients and AdamW states, capped by a step's worst case
     (batch_size × grad_accum × cutoff_len), and never below batch_size × cutoff_len (what
-    a padded micro-batch may hold). With
-    gradient checkpointing asked for in the config, memory is the point: the floor.
+    a padded micro-batch may hold). With gradient checkpointing asked for in the config,
+    memory is the point: the floor.
 
     Why big: per micro-batch the host issues ~10 k kernel launches whatever its size; at
     8 k tokens a 1B model's step on an H100 waited on the host (bench/NOTES.md), so
