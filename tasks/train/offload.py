@@ -58,8 +58,8 @@ class Offloader:
             return checkpoint(function, *args, **kwargs)
 
     def pack(self, tensor: torch.Tensor) -> Any:
-        if tensor.numel() * tensor.element_size() < SMALL:
-            return tensor
+        if tensor.device.type != self.device.type or tensor.numel() * tensor.element_size() < SMALL:
+            return tensor  # already in host memory, or too small to be worth a copy
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.cuda)
         saved = _Saved(tensor, host)
         if self.cuda:
