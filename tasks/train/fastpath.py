@@ -12,7 +12,7 @@ the switch behind each (`train.*` in the config) and where they run:
 | -------------------------------------------------------- | ---------------------- | ------- |
 | padding-free rows; attention kept within each record     | `packing`              | all     |
 | ... from the record boundaries by flash varlen (kernels.py) | `packing`           | CUDA    |
-| micro-batches filled to a token budget sized to memory   | `packing`              | CUDA    |
+| micro-batches filled to a token budget sized to memory   | `packing`, `gpu_memory_share` | CUDA |
 | LoRA as one autograd function, update in the GEMM epilogue | `lora.dropout: 0`    | all     |
 | loss fused with the LM head, only at labelled positions  | always                 | all     |
 | Liger RMSNorm, SwiGLU, RoPE (and its fused linear CE)    | `liger: auto`          | CUDA    |
