@@ -29,10 +29,9 @@ SMALL = 1 << 16  # bytes: a tensor below this (checkpoint's empty marker) stays 
 class _Saved:
     """One offloaded tensor: its host copy, and its way back."""
 
-    __slots__ = ("__weakref__", "device", "host", "gpu", "fetched", "used", "before")
+    __slots__ = ("__weakref__", "host", "gpu", "fetched", "used", "before")
 
-    def __init__(self, tensor: torch.Tensor, host: torch.Tensor) -> None:
-        self.device = tensor.device
+    def __init__(self, host: torch.Tensor) -> None:
         self.host = host
         self.gpu: torch.Tensor | None = None  # prefetched copy back, not yet handed out
         self.fetched: torch.cuda.Event | None = None
@@ -61,7 +60,7 @@ class Offloader:
         if tensor.device.type != self.device.type or tensor.numel() * tensor.element_size() < SMALL:
             return tensor  # already in host memory, or too small to be worth a copy
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.cuda)
-        saved = _Saved(tensor, host)
+        saved = _Saved(host)
         if self.cuda:
             assert self.stream is not None
             # the copy starts once the layer's input is written, and the allocator must
